@@ -1,0 +1,197 @@
+"""Assembly: which members given on the command line to trust, and how.
+
+    for each path given (all checks before anything is written):
+        it must exist, be readable, and not be named twice (same file, same
+        device, or the same member UUID under two names)
+        it must carry a valid superblock (either copy) of the same volume
+    choose the authority: the member with the highest event counter
+    split brain: two members that each record themselves active and the
+        other not active were changed apart; refuse and name them, unless
+        --prefer names the one that wins (it then becomes the authority)
+    judge every member by the authority's roster:
+        listed active  -> online (an event counter behind by an interrupted
+                          metadata update is caught up when the mount starts)
+        listed failed or missing -> stale: it missed writes, serves no reads
+        listed spare   -> spare
+        not listed     -> refused: it was removed from the volume
+    every slot the roster lists active but nobody brought is missing;
+        refuse unless --degraded
+    refuse if no online member remains
+
+The same function serves `mount` (which then opens the volume) and the
+offline `status` (which only reports what it found).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from raid1fs import member as m
+from raid1fs.errors import AssemblyError, BadMemberError, MetadataError, SplitBrainError
+from raid1fs.superblock import ACTIVE, FAILED, MISSING, SPARE, Superblock, read_superblock
+
+
+@dataclass
+class Found:
+    """A member path with its open fd and superblock."""
+
+    path: str
+    fd: int
+    sb: Superblock
+    problems: list[str] = field(default_factory=list)
+    state: str = ""
+
+
+@dataclass
+class Plan:
+    """The outcome of assembly: who is who, and what the roster says."""
+
+    authority: Superblock
+    members: list[Found]
+    missing: list[tuple[int, str]]  # (slot, last known path) of absent active members
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.missing) or any(f.state != m.ONLINE for f in self.members)
+
+
+def identity(path: str) -> tuple[object, ...]:
+    """What makes two paths the same member: the inode, or the device."""
+    st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        return ("dev", st.st_rdev)
+    return ("ino", st.st_dev, st.st_ino)
+
+
+def check_distinct(paths: list[str]) -> None:
+    """Refuse a member named twice (under any name)."""
+    seen: dict[tuple[object, ...], str] = {}
+    for p in paths:
+        try:
+            ident = identity(p)
+        except FileNotFoundError:
+            continue  # reported by whoever opens it
+        except OSError as e:
+            raise BadMemberError(f"{p}: cannot access: {e.strerror}") from None
+        if ident in seen:
+            raise BadMemberError(f"{p}: named twice (same member as {seen[ident]})")
+        seen[ident] = p
+
+
+def read_members(paths: list[str], writable: bool = True, lock: bool = True) -> list[Found]:
+    """Open each path and read its superblock; close everything on failure."""
+    paths = [os.path.abspath(p) for p in paths]
+    check_distinct(paths)
+    found: list[Found] = []
+    try:
+        for p in paths:
+            fd = m.open_member(p, writable=writable, lock=lock)
+            try:
+                sb, problems = read_superblock(fd, p)
+            except OSError as e:
+                os.close(fd)
+                raise BadMemberError(f"{p}: cannot read: {e.strerror}") from None
+            except MetadataError:
+                os.close(fd)
+                raise
+            found.append(Found(p, fd, sb, problems))
+        first = found[0]
+        for f in found[1:]:
+            if f.sb.volume_uuid != first.sb.volume_uuid:
+                raise BadMemberError(
+                    f"{f.path}: belongs to another volume ({f.sb.name or f.sb.volume_uuid}) "
+                    f"than {first.path} ({first.sb.name or first.sb.volume_uuid})"
+                )
+        by_uuid: dict[str, str] = {}
+        for f in found:
+            if f.sb.member_uuid in by_uuid:
+                raise BadMemberError(
+                    f"{f.path}: same member as {by_uuid[f.sb.member_uuid]} (a copy of its image?)"
+                )
+            by_uuid[f.sb.member_uuid] = f.path
+    except BaseException:
+        close_all(found)
+        raise
+    return found
+
+
+def close_all(found: list[Found]) -> None:
+    for f in found:
+        try:
+            os.close(f.fd)
+        except OSError:
+            pass
+
+
+def _active_in(sb: Superblock, member_uuid: str) -> bool:
+    e = sb.roster_entry(member_uuid)
+    return e is not None and e.state == ACTIVE
+
+
+def find_split_brain(found: list[Found]) -> list[tuple[Found, Found]]:
+    """Pairs of members that each think themselves active and the other not."""
+    pairs = []
+    for i, a in enumerate(found):
+        for b in found[i + 1 :]:
+            if (
+                _active_in(a.sb, a.sb.member_uuid)
+                and _active_in(b.sb, b.sb.member_uuid)
+                and not _active_in(a.sb, b.sb.member_uuid)
+                and not _active_in(b.sb, a.sb.member_uuid)
+            ):
+                pairs.append((a, b))
+    return pairs
+
+
+def assemble(
+    found: list[Found], degraded: bool = False, prefer: str | None = None, strict: bool = True
+) -> Plan:
+    """Decide each member's state; see the module docstring for the rules.
+
+    With strict=False (offline status) nothing is refused; the plan reports.
+    """
+    authority = max(found, key=lambda f: f.sb.events)
+    if prefer is not None:
+        pref = os.path.abspath(prefer)
+        chosen = [f for f in found if f.path == pref]
+        if not chosen:
+            raise AssemblyError(f"{prefer}: --prefer names a path that is not among the members")
+        authority = chosen[0]
+    else:
+        split = find_split_brain(found)
+        if split and strict:
+            a, b = split[0]
+            raise SplitBrainError(
+                f"split brain: {a.path} and {b.path} were changed apart from each other "
+                f"(each mounted without the other); choose the one that wins with --prefer"
+            )
+    roster = authority.sb
+    for f in found:
+        entry = roster.roster_entry(f.sb.member_uuid)
+        if entry is None:
+            if strict:
+                raise AssemblyError(f"{f.path}: no longer a member of volume {roster.volume_uuid} "
+                                    "(it was removed)")
+            f.state = m.FAILED
+        elif entry.state == ACTIVE:
+            f.state = m.ONLINE
+        elif entry.state in (FAILED, MISSING):
+            f.state = m.STALE
+        elif entry.state == SPARE:
+            f.state = m.SPARE
+    present = {f.sb.member_uuid for f in found}
+    missing = [(i, s.path) for i, s in enumerate(roster.roster)
+               if s.state == ACTIVE and s.uuid not in present]
+    if strict and missing and not degraded:
+        names = ", ".join(p or f"slot {i}" for i, p in missing)
+        raise AssemblyError(f"member missing: {names} (mount with --degraded to run without it)")
+    if strict and not any(f.state == m.ONLINE for f in found):
+        raise AssemblyError(
+            f"{found[0].path}: no in-sync member among those given (all stale or spare)"
+        )
+    return Plan(roster, found, missing)
+
+
+__all__ = ["Found", "Plan", "assemble", "read_members", "close_all", "FAILED", "MISSING"]

@@ -1,0 +1,233 @@
+"""The command line: `raid1fs SUBCOMMAND ...`.
+
+Every failure is one line on stderr naming the path at fault, with the
+contract's exit status: 0 success, 2 bad usage, 1 (or another non-zero
+value) failure; `status` exits 0 in sync, 1 degraded or rebuilding, 3 when it
+cannot tell. A Python traceback for a user mistake is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from raid1fs import __version__, control
+from raid1fs.errors import Raid1fsError, UsageError
+from raid1fs.sizes import parse_size
+
+PROG = "raid1fs"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be greater than zero")
+    return v
+
+
+def _options(text: str) -> list[str]:
+    return [o for o in text.split(",") if o]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog=PROG, description="Software RAID-1 over FUSE: mirrored disks and trees.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=Parser)
+    sub.required = True
+
+    c = sub.add_parser("create", help="initialise a new volume")
+    c.add_argument("--kind", choices=["tree", "disk"], default="tree")
+    c.add_argument("--name", default="")
+    c.add_argument("--size", type=_size, help="volume size for disk volumes (K, M, G, T)")
+    c.add_argument("--no-checksums", action="store_true")
+    c.add_argument("--adopt", action="store_true", help="first member's contents become the volume")
+    c.add_argument("--force", action="store_true", help="overwrite members that hold data")
+    c.add_argument("members", nargs="+", metavar="MEMBER")
+
+    m = sub.add_parser("mount", help="assemble and mount a volume")
+    m.add_argument("-f", "--foreground", action="store_true")
+    m.add_argument("--degraded", action="store_true", help="mount even if a member is missing")
+    m.add_argument("--prefer", metavar="MEMBER", help="the member that wins a split brain")
+    m.add_argument("--io-timeout", type=_seconds, default=30.0, metavar="SECONDS")
+    m.add_argument("--max-rebuild-rate", type=_size, metavar="RATE")
+    m.add_argument("--on-event", metavar="CMD")
+    m.add_argument("-o", dest="options", type=_options, action="append", default=[],
+                   metavar="OPT[,OPT...]")
+    m.add_argument("paths", nargs="+", metavar="MEMBER... MOUNTPOINT")
+
+    u = sub.add_parser("umount", help="flush, mark members clean and unmount")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    s = sub.add_parser("status", help="show a mounted volume, or the members of an unmounted one")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("paths", nargs="+", metavar="MOUNTPOINT|MEMBER")
+
+    for name, text in (("fail", "mark a member failed"),
+                       ("remove", "drop a failed or missing member")):
+        f = sub.add_parser(name, help=text)
+        f.add_argument("mountpoint", metavar="MOUNTPOINT")
+        f.add_argument("member", metavar="MEMBER")
+
+    a = sub.add_parser("add", help="add a member (rebuilt online) or a spare")
+    a.add_argument("--spare", action="store_true")
+    a.add_argument("mountpoint", metavar="MOUNTPOINT")
+    a.add_argument("member", metavar="NEWMEMBER")
+
+    r = sub.add_parser("replace", help="hot-replace OLD with NEW")
+    r.add_argument("mountpoint", metavar="MOUNTPOINT")
+    r.add_argument("old", metavar="OLD")
+    r.add_argument("new", metavar="NEW")
+
+    rb = sub.add_parser("rebuild", help="resilver every member that needs it")
+    rb.add_argument("--wait", action="store_true")
+    rb.add_argument("--max-rate", type=_size, metavar="RATE")
+    rb.add_argument("paths", nargs="+", metavar="MOUNTPOINT|MEMBER")
+
+    sc = sub.add_parser("scrub", help="verify every copy, and repair with --repair")
+    sc.add_argument("--repair", action="store_true")
+    sc.add_argument("--wait", action="store_true")
+    sc.add_argument("paths", nargs="+", metavar="MOUNTPOINT|MEMBER")
+    return p
+
+
+# ----- subcommands ------------------------------------------------------------
+
+def cmd_create(a: argparse.Namespace) -> int:
+    if len(a.members) < 2:
+        raise UsageError("create: a mirror needs at least two members")
+    if a.kind != "disk":
+        raise Raid1fsError(f"{a.members[0]}: tree volumes are not supported by this version "
+                           "(use --kind disk)")
+    if a.adopt:
+        raise UsageError("--adopt applies to tree volumes only")
+    from raid1fs.create import create_disk
+
+    sb = create_disk(a.members, a.name, a.size, not a.no_checksums, a.force)
+    print(f"created disk volume {sb.name or sb.volume_uuid} ({sb.volume_uuid}): "
+          f"{sb.size} bytes on {len(a.members)} members, data at offset {sb.data_offset}")
+    return 0
+
+
+def cmd_mount(a: argparse.Namespace) -> int:
+    if len(a.paths) < 2:
+        raise UsageError("mount: give the members and then the mount point")
+    from raid1fs.mount import MountRequest, run
+
+    req = MountRequest(
+        members=a.paths[:-1], mountpoint=a.paths[-1], foreground=a.foreground,
+        degraded=a.degraded, prefer=a.prefer, io_timeout=a.io_timeout,
+        max_rebuild_rate=a.max_rebuild_rate, on_event=a.on_event,
+        options=[o for group in a.options for o in group],
+    )
+    return run(req)
+
+
+def cmd_umount(a: argparse.Namespace) -> int:
+    mp = os.path.abspath(a.mountpoint)
+    st = control.request(mp, "status", timeout=30)
+    pid = st["daemon"]["pid"]
+    r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    if r.returncode:
+        msg = (r.stderr.strip().splitlines() or ["unmount failed"])[-1]
+        msg = msg.removeprefix("fusermount3: ")
+        raise Raid1fsError(f"{a.mountpoint}: cannot unmount: {msg}")
+    deadline = time.monotonic() + st["volume"].get("io_timeout", 30) * 2 + 30
+    while os.path.exists(f"/proc/{pid}") and _alive(pid):
+        if time.monotonic() > deadline:
+            raise Raid1fsError(f"{a.mountpoint}: unmounted, but the mount process {pid} "
+                               "did not finish marking members clean")
+        time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from raid1fs import status as S
+
+    try:
+        if len(a.paths) == 1 and os.path.isdir(a.paths[0]):
+            st = control.request(a.paths[0], "status", timeout=30)
+        else:
+            st = S.offline_status(a.paths)
+    except Raid1fsError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return S.EXIT_UNKNOWN
+    if a.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(S.format_human(st))
+    return S.exit_status(st)
+
+
+def cmd_fail(a: argparse.Namespace) -> int:
+    path = control.request(a.mountpoint, "fail", member=_member_arg(a.member))
+    print(f"{path}: failed")
+    return 0
+
+
+def cmd_remove(a: argparse.Namespace) -> int:
+    path = control.request(a.mountpoint, "remove", member=_member_arg(a.member))
+    print(f"{path}: removed")
+    return 0
+
+
+def _member_arg(text: str) -> str:
+    """Members are named by path (made absolute here) or by member UUID."""
+    if len(text) == 36 and text.count("-") == 4 and not os.path.exists(text):
+        return text
+    return os.path.abspath(text)
+
+
+def cmd_later(a: argparse.Namespace) -> int:
+    raise Raid1fsError(f"{a.command}: not available in raid1fs {__version__} yet")
+
+
+COMMANDS = {
+    "create": cmd_create, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
+    "fail": cmd_fail, "remove": cmd_remove, "add": cmd_later, "replace": cmd_later,
+    "rebuild": cmd_later, "scrub": cmd_later,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except Raid1fsError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

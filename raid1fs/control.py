@@ -1,0 +1,188 @@
+"""The control channel of a running mount (guarantee 10).
+
+A mount listens on a unix stream socket in the run directory, named after
+its mount point. The socket itself is world-connectable (mode 0666) so that
+anyone can ask for `status`; every request that changes the volume is
+checked against the peer's credentials (SO_PEERCRED, from the kernel), and
+only root and the user who mounted the volume may make it.
+
+Protocol: one JSON object per line each way. A request is
+{"cmd": NAME, ...arguments}; the answer {"ok": true, "result": ...} or
+{"ok": false, "error": "one line", "exit": N}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from raid1fs.errors import ControlError, NotPermittedError, Raid1fsError
+
+log = logging.getLogger("raid1fs.control")
+
+PRIVILEGED = {"fail", "remove", "add", "replace", "rebuild", "scrub", "umount"}
+MAX_REQUEST = 1 << 16
+
+
+def run_dir() -> str:
+    d = os.environ.get("RAID1FS_RUN_DIR")
+    if d:
+        return d
+    if os.geteuid() == 0:
+        return "/run/raid1fs"
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/raid1fs-{os.getuid()}",
+                        "raid1fs")
+
+
+def mount_key(mountpoint: str) -> str:
+    real = os.path.realpath(mountpoint)
+    return hashlib.sha256(real.encode()).hexdigest()[:16]
+
+
+def socket_path(mountpoint: str, directory: str | None = None) -> str:
+    return os.path.join(directory or run_dir(), mount_key(mountpoint) + ".sock")
+
+
+def candidate_sockets(mountpoint: str) -> list[str]:
+    """Where a client looks: its own run dir first, then root's."""
+    paths = [socket_path(mountpoint)]
+    if not os.environ.get("RAID1FS_RUN_DIR"):
+        root = socket_path(mountpoint, "/run/raid1fs")
+        if root not in paths:
+            paths.append(root)
+    return paths
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from the kernel."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class ControlServer:
+    """Serves requests for one mount until cancelled."""
+
+    def __init__(self, path: str, handlers: dict[str, Handler], owner_uid: int) -> None:
+        self.path = path
+        self.handlers = handlers
+        self.owner_uid = owner_uid
+
+    def permitted(self, uid: int) -> bool:
+        return uid == 0 or uid == self.owner_uid
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await listener.bind(self.path)
+        os.chmod(self.path, 0o666)  # access is decided on peer credentials
+        listener.listen(16)
+        task_status.started()
+        try:
+            async with trio.open_nursery() as n:
+                while True:
+                    conn, _ = await listener.accept()
+                    n.start_soon(self._handle, conn)
+        finally:
+            listener.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    async def _handle(self, conn: trio.socket.SocketType) -> None:
+        stream = trio.SocketStream(conn)
+        async with stream:
+            try:
+                buf = b""
+                while b"\n" not in buf and len(buf) < MAX_REQUEST:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    buf += chunk
+                reply = await self._dispatch(buf.split(b"\n", 1)[0], conn)
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                log.debug("control connection dropped: %s", e)
+            except Exception:  # never let one client take the mount down
+                log.exception("control connection failed")
+
+    async def _dispatch(self, line: bytes, conn: trio.socket.SocketType) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            cmd = req["cmd"]
+        except (ValueError, KeyError, TypeError):
+            return {"ok": False, "error": "malformed control request", "exit": 2}
+        pid, uid, _ = peer_credentials(conn)  # type: ignore[arg-type]
+        if cmd in PRIVILEGED and not self.permitted(uid):
+            log.warning("refused %s from uid %d (pid %d)", cmd, uid, pid)
+            return {"ok": False, "exit": NotPermittedError.exit_code,
+                    "error": f"permission denied: only root and uid {self.owner_uid} "
+                             f"(who mounted this volume) may run {cmd}"}
+        handler = self.handlers.get(cmd)
+        if handler is None:
+            return {"ok": False, "error": f"unknown control command {cmd!r}", "exit": 2}
+        try:
+            return {"ok": True, "result": await handler(req)}
+        except Raid1fsError as e:
+            return {"ok": False, "error": str(e), "exit": e.exit_code}
+        except Exception as e:  # a bug: say so, keep serving
+            log.exception("control command %s failed", cmd)
+            return {"ok": False, "error": f"internal error in {cmd}: {e}", "exit": 1}
+
+
+def request(mountpoint: str, cmd: str, timeout: float = 120.0, **args: Any) -> Any:
+    """Send one request to the mount at `mountpoint`; return its result.
+
+    Raises ControlError when no mount answers, or the Raid1fsError the mount
+    reported (with its exit status).
+    """
+    last_error = ""
+    for path in candidate_sockets(mountpoint):
+        if not os.path.exists(path):
+            continue
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            buf = b""
+            while b"\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except (ConnectionRefusedError, FileNotFoundError):
+            last_error = "stale control socket"
+            continue
+        except TimeoutError:
+            raise ControlError(f"{mountpoint}: the mount did not answer within {timeout:g} s") from None
+        except OSError as e:
+            raise ControlError(f"{mountpoint}: control channel: {e.strerror or e}") from None
+        finally:
+            s.close()
+        if not buf:
+            raise ControlError(f"{mountpoint}: the mount closed the control channel")
+        reply = json.loads(buf.split(b"\n", 1)[0])
+        if reply.get("ok"):
+            return reply.get("result")
+        err = Raid1fsError(reply.get("error", "unknown error"))
+        err.exit_code = int(reply.get("exit", 1))
+        raise err
+    raise ControlError(f"{mountpoint}: not a raid1fs mount point"
+                       + (f" ({last_error})" if last_error else ""))

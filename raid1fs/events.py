@@ -1,0 +1,49 @@
+"""Events: every state change is logged and, with --on-event, runs a command.
+
+The command runs through the shell with RAID1FS_EVENT, RAID1FS_VOLUME,
+RAID1FS_MEMBER (where a member is concerned) and RAID1FS_MOUNTPOINT in its
+environment. It runs in the background: a slow handler never stalls I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+log = logging.getLogger("raid1fs.events")
+
+EVENTS = (
+    "member-failed", "member-online", "rebuild-started", "rebuild-finished",
+    "scrub-finished", "degraded", "checksum-repaired",
+)
+
+
+class EventSink:
+    def __init__(self, volume_uuid: str, mountpoint: str = "", command: str | None = None) -> None:
+        self.volume_uuid = volume_uuid
+        self.mountpoint = mountpoint
+        self.command = command
+        self.nursery: trio.Nursery | None = None
+        self.history: list[tuple[str, str]] = []
+
+    def emit(self, event: str, member: str = "", detail: str = "") -> None:
+        assert event in EVENTS, event
+        self.history.append((event, member))
+        log.warning("event %s%s%s", event, f" member={member}" if member else "",
+                    f": {detail}" if detail else "")
+        if self.command and self.nursery is not None:
+            env = dict(os.environ, RAID1FS_EVENT=event, RAID1FS_VOLUME=self.volume_uuid,
+                       RAID1FS_MEMBER=member, RAID1FS_MOUNTPOINT=self.mountpoint)
+            self.nursery.start_soon(self._run, env)
+
+    async def _run(self, env: dict[str, str]) -> None:
+        try:
+            result = await trio.run_process(self.command, shell=True, env=env, check=False,
+                                            stdin=b"", capture_stdout=False)
+            if result.returncode:
+                log.warning("on-event command exited %d for %s", result.returncode,
+                            env["RAID1FS_EVENT"])
+        except OSError as e:
+            log.error("on-event command could not run: %s", e)

@@ -1,0 +1,209 @@
+"""Member I/O: opening members, and every read, write and sync on them.
+
+Member I/O never runs on the trio event loop. Each operation runs in a
+worker thread under the member's own CapacityLimiter and the volume's I/O
+timeout; a thread that does not come back in time is abandoned (it keeps its
+limiter token, so a hung member can tie up only its own threads) and the
+operation raises MemberTimeoutError. The engine decides what a failure means.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import math
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import trio
+
+from raid1fs.errors import BadMemberError, MemberIOError, MemberTimeoutError
+from raid1fs.superblock import Superblock, read_superblock, write_superblock
+
+T = TypeVar("T")
+
+# Member states, as `status` shows them.
+ONLINE = "online"
+REBUILDING = "rebuilding"
+STALE = "stale"
+FAILED = "failed"
+MISSING = "missing"
+SPARE = "spare"
+
+ERROR_HALF_LIFE = 60.0  # seconds: how fast "recent errors" are forgotten
+LATENCY_ALPHA = 0.2  # weight of the newest sample in the latency average
+
+
+def open_member(path: str, writable: bool = True, lock: bool = True) -> int:
+    """Open an existing image file or block device as a member.
+
+    Block devices are opened O_EXCL so one that is mounted or in use elsewhere
+    is refused; every member is flock()ed so two mounts cannot share it.
+    With lock=False (to read metadata for `status`) neither is done.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadMemberError(f"{path}: no such file or device") from None
+    except OSError as e:
+        raise BadMemberError(f"{path}: cannot access: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BadMemberError(f"{path}: is a directory (disk members are image files or block devices)")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise BadMemberError(f"{path}: not a regular file or block device")
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+    if stat.S_ISBLK(st.st_mode) and lock:
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise BadMemberError(f"{path}: device is busy (mounted or in use)") from None
+        raise BadMemberError(f"{path}: cannot open: {e.strerror}") from None
+    try:
+        if lock:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise BadMemberError(f"{path}: in use by another raid1fs process") from None
+    return fd
+
+
+def device_size(fd: int) -> int:
+    """Size in bytes of an open image file or block device."""
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+@dataclass
+class MemberStats:
+    """Counters `status` reports for one member."""
+
+    reads: int = 0
+    writes: int = 0
+    read_errors: int = 0
+    write_errors: int = 0
+    checksum_errors: int = 0
+    # Decaying error score and its timestamp, for the read policy.
+    recent_errors: float = 0.0
+    recent_errors_at: float = field(default_factory=time.monotonic)
+    latency: float = 0.0  # moving average of read latency, seconds
+    inflight: int = 0
+    next_offset: int = -1  # where the last read ended: keeps streams on one member
+
+    def error_score(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        age = now - self.recent_errors_at
+        return self.recent_errors * math.pow(0.5, age / ERROR_HALF_LIFE)
+
+    def note_error(self) -> None:
+        now = time.monotonic()
+        self.recent_errors = self.error_score(now) + 1.0
+        self.recent_errors_at = now
+
+
+class Member:
+    """One open member of a running volume."""
+
+    def __init__(self, path: str, fd: int, sb: Superblock, timeout: float, state: str) -> None:
+        self.path = path
+        self.fd = fd
+        self.sb = sb
+        self.timeout = timeout
+        self.state = state
+        self.stats = MemberStats()
+        self.limiter = trio.CapacityLimiter(64)
+        self.fail_reason = ""
+
+    def __repr__(self) -> str:
+        return f"<Member slot={self.sb.slot} {self.path} {self.state}>"
+
+    @property
+    def uuid(self) -> str:
+        return self.sb.member_uuid
+
+    @property
+    def slot(self) -> int:
+        return self.sb.slot
+
+    @property
+    def data_offset(self) -> int:
+        return self.sb.data_offset
+
+    async def _run(self, op: str, fn: Callable[..., T], *args: object) -> T:
+        """Run fn(*args) in a thread under the I/O timeout."""
+        result: T
+        with trio.move_on_after(self.timeout) as scope:
+            try:
+                result = await trio.to_thread.run_sync(
+                    fn, *args, abandon_on_cancel=True, limiter=self.limiter
+                )
+            except OSError as e:
+                raise MemberIOError(self.path, op, e) from e
+        if scope.cancelled_caught:
+            raise MemberTimeoutError(
+                self.path, op, f"no answer within the {self.timeout:g} s I/O timeout"
+            )
+        return result
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        """Read `length` bytes of volume data at volume offset `offset`."""
+        t0 = time.monotonic()
+        self.stats.inflight += 1
+        try:
+            data = await self._run("read", _pread_full, self.fd, length, self.data_offset + offset)
+        finally:
+            self.stats.inflight -= 1
+        dt = time.monotonic() - t0
+        s = self.stats
+        s.latency = dt if s.reads == 0 else (1 - LATENCY_ALPHA) * s.latency + LATENCY_ALPHA * dt
+        s.reads += 1
+        s.next_offset = offset + length
+        return data
+
+    async def pwrite(self, offset: int, data: bytes, sync: bool = False) -> None:
+        """Write volume data at volume offset `offset`; fdatasync too if `sync`."""
+        await self._run("write", _pwrite_full, self.fd, data, self.data_offset + offset, sync)
+        self.stats.writes += 1
+
+    async def fsync(self, datasync: bool = False) -> None:
+        await self._run("fsync", os.fdatasync if datasync else os.fsync, self.fd)
+
+    async def write_superblock(self, sb: Superblock) -> None:
+        """Persist `sb` (a copy with this member's identity) durably."""
+        await self._run("metadata write", write_superblock, self.fd, sb)
+        self.sb = sb
+
+    async def read_superblock(self) -> Superblock:
+        sb, _ = await self._run("metadata read", read_superblock, self.fd, self.path)
+        return sb
+
+
+def _pread_full(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            raise OSError(errno.EIO, f"short read at offset {offset + got} (member truncated?)")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _pwrite_full(fd: int, data: bytes, offset: int, sync: bool) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        done += n
+    if sync:
+        os.fdatasync(fd)

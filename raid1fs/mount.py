@@ -1,0 +1,257 @@
+"""`raid1fs mount`: assemble the volume, mount it, serve until unmounted.
+
+    check the mount point and assemble the members (raid1fs.assemble)
+    daemonise unless -f (the parent waits until the mount is usable and
+        reports any error that happened before that)
+    mark every online member dirty (the event counter rises)
+    mount the FUSE file system, start the control channel
+    serve until the kernel says the file system was unmounted (by
+        `raid1fs umount`, `fusermount3 -u` or `umount`) or SIGTERM/SIGINT
+    make every member durable and mark it clean, then exit
+
+The exit uses os._exit: threads abandoned on a hung member must not keep a
+finished mount process alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from raid1fs import control
+from raid1fs.assemble import Plan, assemble, close_all, read_members
+from raid1fs.errors import BadMemberError, Raid1fsError, UsageError
+from raid1fs.events import EventSink
+from raid1fs.fuse_disk import DiskOperations
+from raid1fs.volume import Volume
+
+log = logging.getLogger("raid1fs.mount")
+
+READAHEAD_KB = 1024  # FUSE requests are at most 1 MiB: make readahead use them
+OUR_OPTIONS = {"ro", "sync"}
+
+
+@dataclass
+class MountRequest:
+    members: list[str]
+    mountpoint: str
+    foreground: bool = False
+    degraded: bool = False
+    prefer: str | None = None
+    io_timeout: float = 30.0
+    max_rebuild_rate: int | None = None
+    on_event: str | None = None
+    options: list[str] = field(default_factory=list)
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
+
+    @property
+    def sync(self) -> bool:
+        return "sync" in self.options
+
+
+def check_mountpoint(req: MountRequest) -> str:
+    mp = os.path.abspath(req.mountpoint)
+    if not os.path.exists(mp):
+        raise BadMemberError(f"{req.mountpoint}: mount point does not exist")
+    real = os.path.realpath(mp)
+    for p in req.members:
+        rp = os.path.realpath(p)
+        if rp == real:
+            raise BadMemberError(f"{req.mountpoint}: the mount point is a member")
+        if rp.startswith(real.rstrip("/") + "/"):
+            raise BadMemberError(f"{p}: member lies under the mount point {req.mountpoint}")
+    if not os.path.isdir(mp):
+        raise BadMemberError(f"{req.mountpoint}: mount point is not a directory")
+    if os.path.ismount(mp):
+        raise BadMemberError(f"{req.mountpoint}: something is already mounted there")
+    return mp
+
+
+def prepare(req: MountRequest) -> tuple[str, Plan]:
+    """Every check before anything is written (guarantee 9)."""
+    if req.io_timeout <= 0:
+        raise UsageError("--io-timeout must be greater than zero")
+    mp = check_mountpoint(req)
+    found = read_members(req.members, writable=not req.readonly)
+    try:
+        kinds = {f.sb.kind for f in found}
+        if kinds != {"disk"}:
+            raise BadMemberError(f"{found[0].path}: volume kind {found[0].sb.kind!r} "
+                                 "is not supported by this version")
+        plan = assemble(found, degraded=req.degraded, prefer=req.prefer)
+    except BaseException:
+        close_all(found)
+        raise
+    return mp, plan
+
+
+def fuse_options(req: MountRequest, name: str) -> set[str]:
+    opts = {"fsname=raid1fs:" + (name or "volume"), "subtype=raid1fs", "default_permissions"}
+    for o in req.options:
+        if o not in OUR_OPTIONS:
+            opts.add(o)
+    if req.readonly:
+        opts.add("ro")
+    return opts
+
+
+def set_readahead(mountpoint: str) -> None:
+    dev = os.stat(mountpoint).st_dev
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(READAHEAD_KB))
+    except OSError as e:
+        log.info("could not raise readahead (%s): %s", path, e)
+
+
+async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int | None) -> None:
+    events = EventSink(plan.authority.volume_uuid, mountpoint, req.on_event)
+    volume = Volume(plan, io_timeout=req.io_timeout, sync=req.sync, readonly=req.readonly,
+                    events=events)
+    ops = DiskOperations(volume, os.getuid(), os.getgid())
+
+    async def h_status(_: dict) -> dict:
+        st = volume.status()
+        st["volume"]["mountpoint"] = mountpoint
+        st["daemon"] = {"pid": os.getpid(), "uid": os.getuid()}
+        return st
+
+    async def h_fail(r: dict) -> str:
+        return (await volume.fail(r["member"])).path
+
+    async def h_remove(r: dict) -> str:
+        return await volume.remove(r["member"])
+
+    server = control.ControlServer(control.socket_path(mountpoint),
+                                   {"status": h_status, "fail": h_fail, "remove": h_remove},
+                                   owner_uid=os.getuid())
+    async with trio.open_nursery() as nursery:
+        events.nursery = nursery
+        await volume.start()
+        try:
+            pyfuse3.init(ops, mountpoint, fuse_options(req, plan.authority.name))
+        except RuntimeError as e:
+            await volume.shutdown()
+            raise Raid1fsError(f"{mountpoint}: FUSE mount failed ({e})") from None
+        try:
+            await nursery.start(server.serve)
+            nursery.start_soon(_announce_ready, mountpoint, ready_fd)
+            nursery.start_soon(_on_signals)
+            log.info("mounted volume %s (%s) at %s: %s", plan.authority.volume_uuid,
+                     plan.authority.name, mountpoint, volume.state)
+            await pyfuse3.main(max_tasks=64)
+        finally:
+            with trio.CancelScope(shield=True):
+                log.info("unmounted: flushing and marking members clean")
+                try:
+                    await volume.shutdown()
+                except Raid1fsError as e:
+                    log.error("shutdown: %s", e)
+                pyfuse3.close(unmount=True)
+                log.info("members clean; exiting")
+            nursery.cancel_scope.cancel()
+
+
+async def _announce_ready(mountpoint: str, ready_fd: int | None) -> None:
+    # The stat goes through the kernel to our own loop: once it answers,
+    # the mount is usable.
+    await trio.to_thread.run_sync(set_readahead, mountpoint)
+    if ready_fd is not None:
+        os.write(ready_fd, b"ok\n")
+        os.close(ready_fd)
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for sig in sigs:
+            log.warning("signal %d: unmounting", sig)
+            pyfuse3.terminate()
+            return
+
+
+def setup_logging(path: str | None) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if path:
+        logging.basicConfig(filename=path, level=logging.INFO, format=fmt, force=True)
+    else:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=fmt, force=True)
+
+
+def log_path(mountpoint: str) -> str:
+    return os.path.join(control.run_dir(), control.mount_key(mountpoint) + ".log")
+
+
+def run(req: MountRequest) -> int:
+    """The `mount` command. Returns the exit status."""
+    mountpoint, plan = prepare(req)
+    if req.foreground:
+        setup_logging(None)
+        return _daemon_main(req, mountpoint, plan, None)
+    os.makedirs(control.run_dir(), mode=0o755, exist_ok=True)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        close_all(plan.members)
+        msg = b""
+        while chunk := os.read(r, 4096):
+            msg += chunk
+        os.waitpid(pid, 0)
+        text = msg.decode(errors="replace").strip()
+        if text == "ok":
+            return 0
+        raise Raid1fsError(text.removeprefix("error: ") or
+                           f"{req.mountpoint}: the mount process died before the mount was usable "
+                           f"(see {log_path(mountpoint)})")
+    # First child: new session, then fork again so the daemon is no session leader.
+    os.close(r)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    setup_logging(log_path(mountpoint))
+    _daemon_main(req, mountpoint, plan, w)
+    os._exit(0)
+
+
+def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int | None) -> int:
+    status = 0
+    try:
+        trio.run(serve, req, mountpoint, plan, ready_fd)
+    except Raid1fsError as e:
+        log.error("%s", e)
+        if ready_fd is not None:
+            _report(ready_fd, f"error: {e}")
+        elif req.foreground:
+            print(f"raid1fs: {e}", file=sys.stderr)
+        status = e.exit_code
+    except BaseException as e:  # report, never hang the parent
+        log.exception("mount process failed")
+        if ready_fd is not None:
+            _report(ready_fd, f"error: {req.mountpoint}: mount process failed: {e}")
+        status = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _report(fd: int, text: str) -> None:
+    try:
+        os.write(fd, text.encode() + b"\n")
+        os.close(fd)
+    except OSError:
+        pass

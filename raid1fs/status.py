@@ -1,0 +1,93 @@
+"""`raid1fs status`: the report, for a mount or for offline members.
+
+The JSON form is the contract's; the human form is a table like
+`zpool status`, one row per member with its state and error counters.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from typing import Any
+
+from raid1fs.assemble import assemble, close_all, read_members
+from raid1fs.sizes import format_size
+from raid1fs.volume import CLEAN, Volume
+
+EXIT_IN_SYNC, EXIT_NOT_IN_SYNC, EXIT_UNKNOWN = 0, 1, 3
+
+
+def offline_status(paths: list[str]) -> dict[str, Any]:
+    """Status from the metadata of members of an unmounted volume."""
+    found = read_members(paths, writable=False, lock=False)
+    try:
+        in_use = []
+        for f in found:
+            try:
+                fcntl.flock(f.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                in_use.append(f.path)
+        plan = assemble(found, degraded=True, strict=False)
+        st = Volume(plan).status()
+        st["volume"]["clean_shutdown"] = plan.authority.clean
+        st["volume"]["in_use"] = in_use
+        problems = {f.path: f.problems for f in found if f.problems}
+        for mem in st["members"]:
+            mem["metadata_problems"] = problems.get(mem["path"], [])
+        return st
+    finally:
+        close_all(found)
+
+
+def exit_status(st: dict[str, Any]) -> int:
+    return EXIT_IN_SYNC if st["volume"]["state"] == CLEAN else EXIT_NOT_IN_SYNC
+
+
+def format_human(st: dict[str, Any]) -> str:
+    v = st["volume"]
+    lines = [
+        f"  volume: {v['name'] or '-'}  ({v['uuid']})",
+        f"    kind: {v['kind']}, {format_size(v['size'])}, "
+        f"{v['members_expected']}-way mirror, checksums {'on' if v['checksums'] else 'off'}",
+        f"   state: {v['state'].upper()}",
+    ]
+    if v.get("mounted"):
+        lines.append(f" mounted: {v.get('mountpoint', 'yes')}"
+                     + (" (read-only)" if v.get("readonly") else ""))
+    else:
+        shut = "clean" if v.get("clean_shutdown") else "NOT clean (will resync at mount)"
+        lines.append(f" mounted: no; last shutdown {shut}")
+        if v.get("in_use"):
+            lines.append(f"  in use: {', '.join(v['in_use'])} (a mount holds them)")
+    lines.append(f"  events: {v['events']}")
+    lines.append("")
+    width = max([len(mem["path"] or "?") for mem in st["members"]] + [6])
+    lines.append(f"  {'SLOT':<4}  {'MEMBER':<{width}}  {'STATE':<10} {'READ':>5} {'WRITE':>5} "
+                 f"{'CKSUM':>5}  {'READS':>9} {'WRITES':>9}")
+    notes = []
+    for mem in st["members"]:
+        e = mem["errors"]
+        lines.append(
+            f"  {mem['slot']:<4}  {mem['path'] or '?':<{width}}  {mem['state']:<10} "
+            f"{e['read']:>5} {e['write']:>5} {e['checksum']:>5}  {mem['reads']:>9} "
+            f"{mem['writes']:>9}")
+        rb = mem.get("rebuild")
+        if rb:
+            pct = 100.0 * rb["done_bytes"] / max(1, rb["total_bytes"])
+            lines.append(f"        rebuilding {pct:.0f}%  {format_size(rb['rate_bytes_per_s'])}/s"
+                         f"  ETA {_eta(rb.get('eta_s'))}")
+        if mem.get("fail_reason"):
+            notes.append(f"  {mem['path']}: {mem['fail_reason']}")
+        for p in mem.get("metadata_problems") or []:
+            notes.append(f"  {mem['path']}: metadata {p} (the other copy is in use)")
+    if notes:
+        lines.append("")
+        lines.append("errors:")
+        lines.extend(notes)
+    return "\n".join(lines)
+
+
+def _eta(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

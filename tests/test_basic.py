@@ -1,0 +1,94 @@
+"""The user story of a disk volume, on real image files and a real mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from conftest import MiB, data_region_hash, member_state, raid1fs, run, sha256, status_json
+
+
+def test_story_create_mount_fail_remove_umount(env):
+    """The issue's scenario end to end: ext4 on the mirrored disk survives a
+    failed and removed member; members are clean and consistent afterwards."""
+    (a, b), mnt = env.volume(size="128M")
+    loop = env.losetup(mnt / "disk")
+    run("mkfs.ext4", "-q", loop)
+    data = env.mount_fs(loop)
+    payload = os.urandom(3 * MiB)
+    (data / "f1").write_bytes(payload)
+    run("sync")
+    assert data_region_hash(a) == data_region_hash(b)
+
+    raid1fs("fail", mnt, a)
+    st = status_json(mnt)
+    assert st["volume"]["state"] == "degraded"
+    assert member_state(st, a) == "failed"
+    (data / "f2").write_bytes(payload)
+    run("sync")
+    raid1fs("remove", mnt, a)
+    st = status_json(mnt)
+    assert [m["path"] for m in st["members"]] == [str(b)]
+    assert (data / "f1").read_bytes() == payload
+
+    run("umount", data)
+    run("losetup", "-d", loop)
+    raid1fs("umount", mnt)
+    assert not os.path.ismount(mnt)
+    r = raid1fs("status", "--json", b, check=False)
+    assert r.returncode == 1  # degraded: one of two slots empty
+    # The survivor alone holds the whole file system.
+    chk = env.losetup(b, offset=status_json(b)["members"][0]["data_offset"], readonly=True)
+    run("e2fsck", "-fn", chk)
+
+
+def test_members_identical_after_workload(env):
+    """Every write lands on every member: data regions are byte-identical."""
+    (a, b), mnt = env.volume(size="64M")
+    disk = mnt / "disk"
+    with open(disk, "r+b") as f:
+        for i in range(200):
+            off = (i * 7919 * 4096) % (64 * MiB - 65536)
+            f.seek(off)
+            f.write(os.urandom(1 + (i * 997) % 65536))
+        f.flush()
+        os.fsync(f.fileno())
+    want = sha256(disk)
+    raid1fs("umount", mnt)
+    st = status_json(a, b)
+    assert st["volume"]["state"] == "clean"
+    assert data_region_hash(a) == data_region_hash(b) == want
+
+
+def test_disk_size_cannot_change(env):
+    """A truncate of `disk` fails with EPERM and changes nothing."""
+    _, mnt = env.volume(size="16M")
+    disk = mnt / "disk"
+    for size in (0, 8 * MiB, 32 * MiB):
+        with pytest.raises(OSError) as e:
+            os.truncate(disk, size)
+        assert e.value.errno == errno.EPERM
+    assert os.stat(disk).st_size == 16 * MiB
+    with pytest.raises(OSError) as e:
+        open(disk, "wb")  # O_TRUNC
+    assert e.value.errno == errno.EPERM
+    with open(disk, "r+b") as f:
+        f.seek(16 * MiB)
+        with pytest.raises(OSError) as e:
+            f.write(b"x")
+            f.flush()
+        assert e.value.errno == errno.ENOSPC
+
+
+def test_fusermount_leaves_members_clean(env):
+    """Unmounting with fusermount3 -u also marks every member clean."""
+    (a, b), mnt = env.volume(size="16M")
+    pid = status_json(mnt)["daemon"]["pid"]
+    run("fusermount3", "-u", mnt)
+    from conftest import wait_for
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}/status")
+             or "zombie" in open(f"/proc/{pid}/status").read(), what="mount process exit")
+    st = status_json(a, b)
+    assert st["volume"]["clean_shutdown"] is True
+    assert st["volume"]["state"] == "clean"
