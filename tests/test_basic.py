@@ -73,12 +73,14 @@ def test_disk_size_cannot_change(env):
     with pytest.raises(OSError) as e:
         open(disk, "wb")  # O_TRUNC
     assert e.value.errno == errno.EPERM
-    with open(disk, "r+b") as f:
-        f.seek(16 * MiB)
+    fd = os.open(disk, os.O_RDWR)
+    try:
         with pytest.raises(OSError) as e:
-            f.write(b"x")
-            f.flush()
+            os.pwrite(fd, b"x", 16 * MiB)
         assert e.value.errno == errno.ENOSPC
+        assert os.pwrite(fd, b"xyz", 16 * MiB - 2) == 2  # clipped at the end
+    finally:
+        os.close(fd)
 
 
 def test_fusermount_leaves_members_clean(env):
