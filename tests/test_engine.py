@@ -1,0 +1,76 @@
+"""Unit tests of the engine without FUSE: read policy, range lock, sizes."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from raid1fs.errors import UsageError
+from raid1fs.member import Member
+from raid1fs.sizes import parse_size
+from raid1fs.volume import RangeLock, read_balance
+from test_superblock import make_sb
+
+
+def member(slot: int, errors: float = 0, latency: float = 0.001, inflight: int = 0) -> Member:
+    sb = make_sb()
+    sb.slot = slot
+    x = Member(f"/m{slot}", -1, sb, 30.0, "online")
+    x.stats.recent_errors = errors
+    x.stats.latency = latency
+    x.stats.inflight = inflight
+    return x
+
+
+def test_read_balance_prefers_fewer_errors_then_latency_then_load():
+    a, b, c = member(0, errors=2), member(1), member(2, latency=0.050)
+    assert read_balance([a, b, c], 0) == [b, c, a]  # errors first, then the slow one
+    d, e = member(0, inflight=3), member(1, inflight=0)
+    assert read_balance([d, e], 0)[0] is e  # concurrent reads spread
+    f, g = member(0), member(1)
+    g.stats.next_offset = 4096
+    assert read_balance([f, g], 4096)[0] is g  # a stream stays where it is
+
+
+def test_recent_errors_decay():
+    a = member(0)
+    a.stats.note_error()
+    a.stats.recent_errors_at -= 600  # ten minutes ago
+    assert a.stats.error_score() < 0.01
+
+
+def test_range_lock_serialises_overlaps_only():
+    """Overlapping ranges wait for each other; disjoint ones do not."""
+    order: list[str] = []
+    trio.run(_range_lock_scenario, order, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert order.index("c+") < order.index("a-") < order.index("b+")
+
+
+async def _range_lock_scenario(order: list[str]) -> None:
+    lock = RangeLock()
+
+    async def hold(name: str, start: int, end: int, delay: float) -> None:
+        async with lock.hold(start, end):
+            order.append(name + "+")
+            await trio.sleep(delay)
+            order.append(name + "-")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(hold, "a", 0, 100, 1.0)
+        await trio.sleep(0.1)
+        n.start_soon(hold, "b", 50, 150, 0.1)   # overlaps a: waits
+        n.start_soon(hold, "c", 100, 200, 0.1)  # does not overlap a
+        await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("text,value", [("4096", 4096), ("8G", 8 << 30), ("1.5M", 3 << 19),
+                                        ("512k", 512 << 10), ("100M/s", 100 << 20)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "12Q", "-1", "0", "G"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UsageError):
+        parse_size(text)
