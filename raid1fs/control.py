@@ -171,7 +171,8 @@ def request(mountpoint: str, cmd: str, timeout: float = 120.0, **args: Any) -> A
             last_error = "stale control socket"
             continue
         except TimeoutError:
-            raise ControlError(f"{mountpoint}: the mount did not answer within {timeout:g} s") from None
+            raise ControlError(
+                f"{mountpoint}: the mount did not answer within {timeout:g} s") from None
         except OSError as e:
             raise ControlError(f"{mountpoint}: control channel: {e.strerror or e}") from None
         finally:

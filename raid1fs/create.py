@@ -88,9 +88,7 @@ def _inspect(path: str, force: bool) -> Target:
         return Target(path, exists=False)
     except OSError as e:
         raise BadMemberError(f"{path}: cannot access: {e.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise BadMemberError(f"{path}: is a directory (disk members are image files or block devices)")
-    fd = m.open_member(path, writable=True)
+    fd = m.open_member(path, writable=True)  # refuses directories and busy devices
     try:
         t = Target(path, True, stat.S_ISBLK(st.st_mode), m.device_size(fd))
         if has_signature(fd):

@@ -52,7 +52,8 @@ def open_member(path: str, writable: bool = True, lock: bool = True) -> int:
     except OSError as e:
         raise BadMemberError(f"{path}: cannot access: {e.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise BadMemberError(f"{path}: is a directory (disk members are image files or block devices)")
+        raise BadMemberError(f"{path}: is a directory "
+                             "(disk members are image files or block devices)")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise BadMemberError(f"{path}: not a regular file or block device")
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
@@ -92,7 +93,7 @@ class MemberStats:
     recent_errors_at: float = field(default_factory=time.monotonic)
     latency: float = 0.0  # moving average of read latency, seconds
     inflight: int = 0
-    next_offset: int = -1  # where the last read ended: keeps streams on one member
+    next_offset: int = -(1 << 62)  # where the last read ended: keeps streams on one member
 
     def error_score(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now

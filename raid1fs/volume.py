@@ -42,6 +42,8 @@ DEGRADED = "degraded"
 REBUILDING = "rebuilding"
 VFAILED = "failed"
 
+STREAM_WINDOW = 4 << 20  # reads this close to the last one belong to its stream
+
 
 class RangeLock:
     """Serialises operations on overlapping byte ranges."""
@@ -74,10 +76,11 @@ def read_balance(candidates: list[Member], offset: int) -> list[Member]:
       1. fewer recent errors first (a decaying count, half-life 60 s);
       2. then members that are not slow: a member whose average read latency
          is more than twice the best (plus 1 ms of slack) goes last;
-      3. then the member with fewer reads in flight, so concurrent reads
+      3. then the member whose last read ended near where this one starts
+         (within 4 MiB), so a sequential stream, readahead included, stays on
+         one member and keeps that member's own readahead working;
+      4. then the member with fewer reads in flight, so concurrent reads
          spread over equally healthy members;
-      4. then the member whose last read ended where this one starts, so a
-         sequential stream stays on one member and its readahead;
       5. then the lowest slot, for a stable order.
     """
     if len(candidates) <= 1:
@@ -88,8 +91,8 @@ def read_balance(candidates: list[Member], offset: int) -> list[Member]:
     def key(c: Member) -> tuple[int, int, int, int, int]:
         s = c.stats
         slow = s.latency > 2 * best_latency + 0.001
-        return (round(s.error_score(now)), int(slow), s.inflight,
-                0 if s.next_offset == offset else 1, c.slot)
+        near = abs(offset - s.next_offset) < STREAM_WINDOW
+        return (round(s.error_score(now)), int(slow), 0 if near else 1, s.inflight, c.slot)
 
     return sorted(candidates, key=key)
 

@@ -163,7 +163,8 @@ class Env:
         assert os.path.ismount(mpath)
         return mpath
 
-    def volume(self, n: int = 2, size: str = "64M", opts=(), prefix: str = "m") -> tuple[list[Path], Path]:
+    def volume(self, n: int = 2, size: str = "64M", opts=(),
+               prefix: str = "m") -> tuple[list[Path], Path]:
         members = self.create(*[f"{prefix}{i}.img" for i in range(n)], size=size)
         return members, self.mount(*members, opts=opts)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from test_superblock import make_sb
 
 from raid1fs.errors import UsageError
 from raid1fs.member import Member
 from raid1fs.sizes import parse_size
 from raid1fs.volume import RangeLock, read_balance
-from test_superblock import make_sb
 
 
 def member(slot: int, errors: float = 0, latency: float = 0.001, inflight: int = 0) -> Member:
@@ -29,8 +29,11 @@ def test_read_balance_prefers_fewer_errors_then_latency_then_load():
     d, e = member(0, inflight=3), member(1, inflight=0)
     assert read_balance([d, e], 0)[0] is e  # concurrent reads spread
     f, g = member(0), member(1)
-    g.stats.next_offset = 4096
-    assert read_balance([f, g], 4096)[0] is g  # a stream stays where it is
+    g.stats.next_offset = 1 << 30
+    assert read_balance([f, g], (1 << 30) + 4096)[0] is g  # a stream stays where it is
+    g.stats.inflight = 2
+    assert read_balance([f, g], (1 << 30) + 4096)[0] is g  # ...even with readahead in flight
+    assert read_balance([f, g], 0)[0] is f  # an unrelated read goes to the idle one
 
 
 def test_recent_errors_decay():

@@ -28,7 +28,8 @@ def make_sb(size: int = 1 << 30, name: str = "v") -> Superblock:
         size=size, data_offset=lay.data_offset, region_size=lay.region_size,
         bitmap_offset=lay.bitmap_offset, bitmap_bytes=lay.bitmap_bytes,
         csum_offset=lay.csum_offset, csum_bytes=lay.csum_bytes, checksums=True, created=0.0,
-        roster=[Slot(Superblock.new_uuid(), ACTIVE, "/a"), Slot(Superblock.new_uuid(), ACTIVE, "/b")],
+        roster=[Slot(Superblock.new_uuid(), ACTIVE, "/a"),
+                Slot(Superblock.new_uuid(), ACTIVE, "/b")],
     )
 
 

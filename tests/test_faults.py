@@ -1,0 +1,210 @@
+"""Failure drills: members broken for real through tools/faultfs.
+
+Each test states what it proves. Member A lives on a faultfs mount, member
+B on the plain file system; faults are switched while everything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+import time
+
+import pytest
+from conftest import (
+    MiB,
+    data_region_hash,
+    faultfs,
+    member_state,
+    raid1fs,
+    run,
+    sha256,
+    status_json,
+)
+
+
+def _file_sizes(rng: random.Random, n: int) -> list[int]:
+    """Mostly small files, some medium, a few up to 64 MiB."""
+    sizes = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.10:
+            sizes.append(0)
+        elif r < 0.85:
+            sizes.append(rng.randint(1, 64 << 10))
+        elif r < 0.99:
+            sizes.append(rng.randint(64 << 10, 2 * MiB))
+        else:
+            sizes.append(rng.randint(2 * MiB, 16 * MiB))
+    sizes[n // 3] = 64 * MiB  # one of the largest size, in the middle
+    return sizes
+
+
+class Writer(threading.Thread):
+    """Writes files into a directory, remembering each one's hash."""
+
+    def __init__(self, root, sizes, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.root, self.sizes, self.seed = root, sizes, seed
+        self.hashes: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self.progress = 0
+
+    def run(self) -> None:
+        rng = random.Random(self.seed)
+        try:
+            for i, size in enumerate(self.sizes):
+                d = self.root / f"d{i % 37}"
+                d.mkdir(exist_ok=True)
+                data = rng.randbytes(size)
+                (d / f"f{i}").write_bytes(data)
+                self.hashes[f"d{i % 37}/f{i}"] = hashlib.sha256(data).hexdigest()
+                self.progress = i + 1
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+
+@pytest.mark.parametrize("fault", ["eio", "hang"])
+def test_ext4_survives_member_failing_mid_workload(env, fault):
+    """ext4 on the mirrored disk under thousands of files (0 B to 64 MiB);
+    member A breaks (every I/O EIO, or every I/O hangs) in the middle.
+    Proves: the writer loses nothing and sees no error, A is failed, e2fsck is
+    clean, every file's hash matches, and B's data region read directly
+    (losetup -o data_offset) is byte-identical to the mount's disk."""
+    _, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="512M")
+    mnt = env.mount(a, b, opts=["--io-timeout", "2"])
+    loop = env.losetup(mnt / "disk")
+    run("mkfs.ext4", "-q", loop)
+    data = env.mount_fs(loop)
+
+    writer = Writer(data, _file_sizes(random.Random(1), 2500), seed=2)
+    writer.start()
+    for _ in range(600):
+        if writer.progress > 800 or not writer.is_alive():
+            break
+        time.sleep(0.05)
+    faultfs("set", ffs, fault)
+    writer.join(timeout=600)
+    assert not writer.is_alive(), "writer stuck"
+    assert writer.error is None, f"writer saw {writer.error!r}"
+    run("sync")
+
+    st = status_json(mnt)
+    assert member_state(st, a) == "failed"
+    assert member_state(st, b) == "online"
+    assert st["volume"]["state"] == "degraded"
+
+    for rel, want in writer.hashes.items():
+        assert sha256(data / rel) == want, rel
+    run("umount", data)
+    run("e2fsck", "-fn", loop)
+    disk_hash = sha256(mnt / "disk")
+    run("losetup", "-d", loop)
+    assert data_region_hash(b, st) == disk_hash
+    faultfs("set", ffs, "ok")  # let abandoned threads finish before unmount
+    raid1fs("umount", mnt)
+    off = st["members"][0]["data_offset"]
+    chk = env.losetup(b, offset=off, readonly=True)
+    run("e2fsck", "-fn", chk)
+
+
+def _drop_cache(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_read_errors_are_retried_and_healed(env):
+    """Reads failing on member A are served from B; the bad copy is
+    rewritten from the good one, A stays online with its READ errors counted,
+    and every read returns the right data."""
+    _, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="32M")
+    mnt = env.mount(a, b)
+    payload = os.urandom(32 * MiB)
+    with open(mnt / "disk", "r+b") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    faultfs("set", ffs, "eio-read")
+    for _ in range(3):
+        _drop_cache(mnt / "disk")
+        with open(mnt / "disk", "rb") as f:
+            assert f.read() == payload
+    st = status_json(mnt)
+    ma = next(m for m in st["members"] if m["path"] == str(a))
+    assert ma["state"] == "online"
+    assert ma["errors"]["read"] > 0
+    assert st["volume"]["state"] == "clean"
+    faultfs("set", ffs, "ok")
+    raid1fs("umount", mnt)
+    assert data_region_hash(a) == data_region_hash(b) == sha256_bytes(payload)
+
+
+def sha256_bytes(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def test_hung_member_does_not_wedge_the_volume(env):
+    """A member whose every I/O hangs is failed after --io-timeout; no caller
+    waits much longer than that, status answers meanwhile, and umount works
+    while threads are still stuck on the hung member."""
+    _, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="16M")
+    mnt = env.mount(a, b, opts=["--io-timeout", "1.5"])
+    faultfs("set", ffs, "hang")
+    t0 = time.monotonic()
+    fd = os.open(mnt / "disk", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"x" * 4096, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.5 + 5, f"caller waited {elapsed:.1f}s"
+    st = status_json(mnt)
+    assert member_state(st, a) == "failed"
+    assert "timeout" in (next(m for m in st["members"] if m["path"] == str(a))["fail_reason"])
+    _drop_cache(mnt / "disk")
+    with open(mnt / "disk", "rb") as f:
+        assert f.read(4096) == b"x" * 4096
+    t0 = time.monotonic()
+    raid1fs("umount", mnt)  # faultfs still hangs
+    assert time.monotonic() - t0 < 10
+    assert not os.path.ismount(mnt)
+    assert status_json(b)["volume"]["clean_shutdown"] is True
+
+
+def test_failed_member_is_stale_at_next_mount(env):
+    """A member that failed a write is recorded failed on the survivor before
+    the write returns; at the next mount it is recognised as stale and serves
+    no reads, even when it is readable again."""
+    _, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="16M")
+    mnt = env.mount(a, b)
+    faultfs("set", ffs, "eio-write")
+    with open(mnt / "disk", "r+b") as f:
+        f.write(b"new" * 1000)
+        f.flush()
+        os.fsync(f.fileno())
+    assert member_state(status_json(mnt), a) == "failed"
+    faultfs("set", ffs, "ok")
+    raid1fs("umount", mnt)
+
+    st = status_json(a, b)
+    assert member_state(st, a) == "stale"
+    r = raid1fs("mount", a, b, mnt)
+    assert r.returncode == 0
+    _drop_cache(mnt / "disk")
+    with open(mnt / "disk", "rb") as f:
+        assert f.read(3000) == b"new" * 1000
+        f.read()
+    st = status_json(mnt)
+    assert member_state(st, a) == "stale"
+    assert next(m for m in st["members"] if m["path"] == str(a))["reads"] == 0
+    assert st["volume"]["state"] == "degraded"
