@@ -1,10 +1,10 @@
 """Member I/O: opening members, and every read, write and sync on them.
 
-Member I/O never runs on the trio event loop. Each operation runs in a
-worker thread under the member's own CapacityLimiter and the volume's I/O
-timeout; a thread that does not come back in time is abandoned (it keeps its
-limiter token, so a hung member can tie up only its own threads) and the
-operation raises MemberTimeoutError. The engine decides what a failure means.
+Member I/O never runs on the trio event loop. Each operation runs in one of
+the member's own worker threads (raid1fs.iobatch) under the volume's I/O
+timeout; a call that does not come back in time is abandoned (a hung member
+ties up only its own threads) and raises MemberTimeoutError. `fanout` issues
+one call on many members at once. The engine decides what a failure means.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-import trio
+from typing import Any, TypeVar
 
 from raid1fs.errors import BadMemberError, MemberIOError, MemberTimeoutError
-from raid1fs.superblock import Superblock, read_superblock, write_superblock
+from raid1fs.iobatch import Workers, run_batch
+from raid1fs.superblock import Superblock
 
 T = TypeVar("T")
 
@@ -116,7 +115,7 @@ class Member:
         self.timeout = timeout
         self.state = state
         self.stats = MemberStats()
-        self.limiter = trio.CapacityLimiter(64)
+        self.workers = Workers(os.path.basename(path))
         self.fail_reason = ""
 
     def __repr__(self) -> str:
@@ -135,19 +134,18 @@ class Member:
         return self.sb.data_offset
 
     async def _run(self, op: str, fn: Callable[..., T], *args: object) -> T:
-        """Run fn(*args) in a thread under the I/O timeout."""
-        result: T
-        with trio.move_on_after(self.timeout) as scope:
-            try:
-                result = await trio.to_thread.run_sync(
-                    fn, *args, abandon_on_cancel=True, limiter=self.limiter
-                )
-            except OSError as e:
-                raise MemberIOError(self.path, op, e) from e
-        if scope.cancelled_caught:
+        """Run fn(*args) in one of this member's threads under the I/O timeout."""
+        results, errors, finished = await run_batch([(self.workers, fn, args)], self.timeout)
+        return self._outcome(op, results[0], errors[0], finished[0])
+
+    def _outcome(self, op: str, result: T, error: BaseException | None, finished: bool) -> T:
+        if not finished:
             raise MemberTimeoutError(
-                self.path, op, f"no answer within the {self.timeout:g} s I/O timeout"
-            )
+                self.path, op, f"no answer within the {self.timeout:g} s I/O timeout")
+        if error is not None:
+            if isinstance(error, OSError):
+                raise MemberIOError(self.path, op, error)
+            raise error
         return result
 
     async def pread(self, offset: int, length: int) -> bytes:
@@ -155,7 +153,7 @@ class Member:
         t0 = time.monotonic()
         self.stats.inflight += 1
         try:
-            data = await self._run("read", _pread_full, self.fd, length, self.data_offset + offset)
+            data = await self._run("read", pread_full, self.fd, length, self.data_offset + offset)
         finally:
             self.stats.inflight -= 1
         dt = time.monotonic() - t0
@@ -165,25 +163,35 @@ class Member:
         s.next_offset = offset + length
         return data
 
-    async def pwrite(self, offset: int, data: bytes, sync: bool = False) -> None:
-        """Write volume data at volume offset `offset`; fdatasync too if `sync`."""
-        await self._run("write", _pwrite_full, self.fd, data, self.data_offset + offset, sync)
-        self.stats.writes += 1
 
-    async def fsync(self, datasync: bool = False) -> None:
-        await self._run("fsync", os.fdatasync if datasync else os.fsync, self.fd)
+async def fanout(members: list[Member], op: str,
+                 call: Callable[[Member], tuple[Callable[..., Any], tuple]]
+                 ) -> tuple[list[Any], dict[Member, MemberIOError]]:
+    """Run call(member) on every member at once (one batch, one wake-up).
 
-    async def write_superblock(self, sb: Superblock) -> None:
-        """Persist `sb` (a copy with this member's identity) durably."""
-        await self._run("metadata write", write_superblock, self.fd, sb)
-        self.sb = sb
+    Returns the results in member order (None where it failed) and the
+    members that failed, each with its MemberIOError.
+    """
+    if not members:
+        return [], {}
+    calls = []
+    for x in members:
+        fn, args = call(x)
+        calls.append((x.workers, fn, args))
+    timeout = max(x.timeout for x in members)
+    results, errs, finished = await run_batch(calls, timeout)
+    out: list[Any] = []
+    failed: dict[Member, MemberIOError] = {}
+    for x, r, e, f in zip(members, results, errs, finished, strict=True):
+        try:
+            out.append(x._outcome(op, r, e, f))
+        except MemberIOError as err:
+            failed[x] = err
+            out.append(None)
+    return out, failed
 
-    async def read_superblock(self) -> Superblock:
-        sb, _ = await self._run("metadata read", read_superblock, self.fd, self.path)
-        return sb
 
-
-def _pread_full(fd: int, length: int, offset: int) -> bytes:
+def pread_full(fd: int, length: int, offset: int) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) == length:
         return data
@@ -198,7 +206,7 @@ def _pread_full(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _pwrite_full(fd: int, data: bytes, offset: int, sync: bool) -> None:
+def pwrite_full(fd: int, data: bytes, offset: int, sync: bool) -> None:
     view = memoryview(data)
     done = 0
     while done < len(view):

@@ -21,8 +21,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -31,8 +30,16 @@ from raid1fs import member as m
 from raid1fs.assemble import Plan
 from raid1fs.errors import MemberIOError, MemberTimeoutError, Raid1fsError, VolumeIOError
 from raid1fs.events import EventSink
-from raid1fs.member import Member
-from raid1fs.superblock import ACTIVE, FAILED, MISSING, REMOVED, SPARE, Superblock
+from raid1fs.member import Member, fanout, pwrite_full
+from raid1fs.superblock import (
+    ACTIVE,
+    FAILED,
+    MISSING,
+    REMOVED,
+    SPARE,
+    Superblock,
+    write_superblock,
+)
 
 log = logging.getLogger("raid1fs.volume")
 
@@ -46,13 +53,15 @@ STREAM_WINDOW = 4 << 20  # reads this close to the last one belong to its stream
 
 
 class RangeLock:
-    """Serialises operations on overlapping byte ranges."""
+    """Serialises operations on overlapping byte ranges.
+
+    `entry = await lock.acquire(start, end)` ... `lock.release(entry)`.
+    """
 
     def __init__(self) -> None:
         self._held: list[tuple[int, int, trio.Event]] = []
 
-    @asynccontextmanager
-    async def hold(self, start: int, end: int) -> AsyncIterator[None]:
+    async def acquire(self, start: int, end: int) -> tuple[int, int, trio.Event]:
         while True:
             for s, e, ev in self._held:
                 if s < end and start < e:
@@ -62,11 +71,11 @@ class RangeLock:
                 break
         entry = (start, end, trio.Event())
         self._held.append(entry)
-        try:
-            yield
-        finally:
-            self._held.remove(entry)
-            entry[2].set()
+        return entry
+
+    def release(self, entry: tuple[int, int, trio.Event]) -> None:
+        self._held.remove(entry)
+        entry[2].set()
 
 
 def read_balance(candidates: list[Member], offset: int) -> list[Member]:
@@ -157,7 +166,12 @@ class Volume:
             while True:
                 self.sb.events += 1
                 targets = self.writable()
-                errors = await self._fanout(targets, self._write_sb)
+                copies = {x: self._sb_for(x) for x in targets}
+                _, errors = await fanout(targets, "metadata write",
+                                         lambda x, c=copies: (write_superblock, (x.fd, c[x])))
+                for x in targets:
+                    if x not in errors:
+                        x.sb = copies[x]
                 if not errors:
                     return
                 if len(errors) == len(targets):
@@ -167,10 +181,11 @@ class Volume:
                 for x, e in errors.items():
                     self._mark_failed(x, str(e))
 
-    async def _write_sb(self, x: Member) -> None:
+    def _sb_for(self, x: Member) -> Superblock:
+        """The volume's superblock as member x stores it (its identity, its seq)."""
         sb = self.sb.copy()
         sb.member_uuid, sb.slot, sb.seq = x.sb.member_uuid, x.sb.slot, x.sb.seq
-        await x.write_superblock(sb)
+        return sb
 
     def _mark_failed(self, x: Member, reason: str) -> None:
         """In-memory part of failing a member; the caller commits."""
@@ -207,25 +222,6 @@ class Volume:
 
     # ----- I/O --------------------------------------------------------------
 
-    async def _fanout(self, targets: list[Member],
-                      op: Callable[[Member], Awaitable[Any]]) -> dict[Member, MemberIOError]:
-        """Run op on every target at once; return the members that failed."""
-        errors: dict[Member, MemberIOError] = {}
-
-        async def one(x: Member) -> None:
-            try:
-                await op(x)
-            except MemberIOError as e:
-                errors[x] = e
-
-        if len(targets) == 1:
-            await one(targets[0])
-        else:
-            async with trio.open_nursery() as n:
-                for x in targets:
-                    n.start_soon(one, x)
-        return errors
-
     async def _settle(self, targets: list[Member], errors: dict[Member, MemberIOError],
                       what: str) -> None:
         """After a fan-out: fail the members that failed, unless none succeeded."""
@@ -243,21 +239,29 @@ class Volume:
     async def write(self, offset: int, data: bytes) -> int:
         if self.readonly:
             raise OSError(errno.EROFS, "read-only mount")
-        async with self._ranges.hold(offset, offset + len(data)):
+        lock = await self._ranges.acquire(offset, offset + len(data))
+        try:
             targets = self.writable()
             if not targets:
                 raise VolumeIOError("no member is online")
-            errors = await self._fanout(targets, lambda x: x.pwrite(offset, data, self.sync))
-            for x in errors:
-                x.stats.write_errors += 1
+            _, errors = await fanout(targets, "write", lambda x: (
+                pwrite_full, (x.fd, data, x.data_offset + offset, self.sync)))
+            for x in targets:
+                if x in errors:
+                    x.stats.write_errors += 1
+                else:
+                    x.stats.writes += 1
             await self._settle(targets, errors, f"write at {offset}")
+        finally:
+            self._ranges.release(lock)
         return len(data)
 
     async def fsync(self, datasync: bool = False) -> None:
         targets = self.writable()
         if not targets:
             raise VolumeIOError("no member is online")
-        errors = await self._fanout(targets, lambda x: x.fsync(datasync))
+        sync = os.fdatasync if datasync else os.fsync
+        _, errors = await fanout(targets, "fsync", lambda x: (sync, (x.fd,)))
         for x in errors:
             x.stats.write_errors += 1
         await self._settle(targets, errors, "fsync")
@@ -291,13 +295,17 @@ class Volume:
     async def _heal(self, bad: list[Member], good: Member, offset: int, length: int) -> None:
         """Rewrite a bad copy from a good one (under the range lock, re-reading
         the good copy there, so a concurrent write is never undone)."""
-        async with self._ranges.hold(offset, offset + length):
+        lock = await self._ranges.acquire(offset, offset + length)
+        try:
             try:
                 data = await good.pread(offset, length)
             except MemberIOError:
                 return
             targets = [x for x in bad if x.state == m.ONLINE]
-            errors = await self._fanout(targets, lambda x: x.pwrite(offset, data, True))
+            _, errors = await fanout(targets, "rewrite", lambda x: (
+                pwrite_full, (x.fd, data, x.data_offset + offset, True)))
+        finally:
+            self._ranges.release(lock)
         for x in targets:
             if x not in errors:
                 log.warning("repaired %d bytes at %d on %s from %s", length, offset, x.path,

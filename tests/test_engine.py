@@ -54,10 +54,11 @@ async def _range_lock_scenario(order: list[str]) -> None:
     lock = RangeLock()
 
     async def hold(name: str, start: int, end: int, delay: float) -> None:
-        async with lock.hold(start, end):
-            order.append(name + "+")
-            await trio.sleep(delay)
-            order.append(name + "-")
+        entry = await lock.acquire(start, end)
+        order.append(name + "+")
+        await trio.sleep(delay)
+        order.append(name + "-")
+        lock.release(entry)
 
     async with trio.open_nursery() as n:
         n.start_soon(hold, "a", 0, 100, 1.0)
