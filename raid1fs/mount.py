@@ -15,9 +15,11 @@ finished mount process alive.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -58,8 +60,41 @@ class MountRequest:
         return "sync" in self.options
 
 
+def mounted_fstype(path: str) -> str | None:
+    """The type of the file system mounted exactly at `path`, if any."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[4].encode().decode("unicode_escape") == path:
+                    return fields[sep + 1]
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def clear_dead_mount(mp: str) -> None:
+    """Detach a raid1fs mount whose process died (kill -9, crash).
+
+    Only a mount of type fuse.raid1fs that answers ENOTCONN is touched.
+    """
+    if mounted_fstype(mp) != "fuse.raid1fs":
+        return
+    try:
+        os.statvfs(mp)  # always reaches the mount process (stat may be cached)
+        return  # alive
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            return
+    r = subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, text=True)
+    if r.returncode == 0:
+        print(f"raid1fs: note: detached the dead raid1fs mount left at {mp}", file=sys.stderr)
+
+
 def check_mountpoint(req: MountRequest) -> str:
     mp = os.path.abspath(req.mountpoint)
+    clear_dead_mount(os.path.realpath(mp))
     if not os.path.exists(mp):
         raise BadMemberError(f"{req.mountpoint}: mount point does not exist")
     real = os.path.realpath(mp)
@@ -71,7 +106,7 @@ def check_mountpoint(req: MountRequest) -> str:
             raise BadMemberError(f"{p}: member lies under the mount point {req.mountpoint}")
     if not os.path.isdir(mp):
         raise BadMemberError(f"{req.mountpoint}: mount point is not a directory")
-    if os.path.ismount(mp):
+    if os.path.ismount(mp) or mounted_fstype(real):
         raise BadMemberError(f"{req.mountpoint}: something is already mounted there")
     return mp
 

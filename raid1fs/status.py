@@ -53,11 +53,11 @@ def format_human(st: dict[str, Any]) -> str:
     if v.get("mounted"):
         lines.append(f" mounted: {v.get('mountpoint', 'yes')}"
                      + (" (read-only)" if v.get("readonly") else ""))
+    elif v.get("in_use"):
+        lines.append(f" mounted: yes, by a running mount holding {', '.join(v['in_use'])}")
     else:
-        shut = "clean" if v.get("clean_shutdown") else "NOT clean (will resync at mount)"
+        shut = "clean" if v.get("clean_shutdown") else "NOT clean (stopped without unmounting)"
         lines.append(f" mounted: no; last shutdown {shut}")
-        if v.get("in_use"):
-            lines.append(f"  in use: {', '.join(v['in_use'])} (a mount holds them)")
     lines.append(f"  events: {v['events']}")
     lines.append("")
     width = max([len(mem["path"] or "?") for mem in st["members"]] + [6])
