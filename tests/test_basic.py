@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 
 import pytest
@@ -94,3 +95,27 @@ def test_fusermount_leaves_members_clean(env):
     st = status_json(a, b)
     assert st["volume"]["clean_shutdown"] is True
     assert st["volume"]["state"] == "clean"
+
+
+def test_block_device_members(env):
+    """Members may be block devices: two loop devices, sized from the smaller
+    one when --size is not given; a device in use by a mount is refused."""
+    imgs = []
+    for name, size in (("a.raw", 40 * MiB), ("b.raw", 48 * MiB)):
+        p = env.path(name)
+        with open(p, "wb") as f:
+            f.truncate(size)
+        imgs.append(p)
+    a, b = env.losetup(imgs[0]), env.losetup(imgs[1])
+    raid1fs("create", "--kind", "disk", a, b)
+    st = status_json(a, b)
+    assert st["volume"]["size"] == 40 * MiB - st["members"][0]["data_offset"]
+    mnt = env.mount(a, b)
+    r = raid1fs("mount", a, b, env.mkdir("mnt2"), check=False)
+    assert r.returncode != 0 and a in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    payload = os.urandom(st["volume"]["size"])
+    with open(mnt / "disk", "r+b") as f:
+        f.write(payload)
+    raid1fs("umount", mnt)
+    for dev in (a, b):
+        assert data_region_hash(dev) == hashlib.sha256(payload).hexdigest()
