@@ -149,7 +149,7 @@ def set_readahead(mountpoint: str) -> None:
         log.info("could not raise readahead (%s): %s", path, e)
 
 
-async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int | None) -> None:
+async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe) -> None:
     events = EventSink(plan.authority.volume_uuid, mountpoint, req.on_event)
     volume = Volume(plan, io_timeout=req.io_timeout, sync=req.sync, readonly=req.readonly,
                     events=events)
@@ -180,7 +180,7 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int | 
             raise Raid1fsError(f"{mountpoint}: FUSE mount failed ({e})") from None
         try:
             await nursery.start(server.serve)
-            nursery.start_soon(_announce_ready, mountpoint, ready_fd)
+            nursery.start_soon(_announce_ready, mountpoint, ready)
             nursery.start_soon(_on_signals)
             log.info("mounted volume %s (%s) at %s: %s", plan.authority.volume_uuid,
                      plan.authority.name, mountpoint, volume.state)
@@ -197,13 +197,30 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int | 
             nursery.cancel_scope.cancel()
 
 
-async def _announce_ready(mountpoint: str, ready_fd: int | None) -> None:
+class ReadyPipe:
+    """The pipe to the waiting parent; written once, then forgotten, so no
+    later message can land in whatever file reuses its descriptor number."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def send(self, text: str) -> None:
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            os.write(fd, text.encode() + b"\n")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+async def _announce_ready(mountpoint: str, ready: ReadyPipe) -> None:
     # The stat goes through the kernel to our own loop: once it answers,
     # the mount is usable.
     await trio.to_thread.run_sync(set_readahead, mountpoint)
-    if ready_fd is not None:
-        os.write(ready_fd, b"ok\n")
-        os.close(ready_fd)
+    ready.send("ok")
 
 
 async def _on_signals() -> None:
@@ -264,29 +281,20 @@ def run(req: MountRequest) -> int:
 
 def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int | None) -> int:
     status = 0
+    ready = ReadyPipe(ready_fd)
     try:
-        trio.run(serve, req, mountpoint, plan, ready_fd)
+        trio.run(serve, req, mountpoint, plan, ready)
     except Raid1fsError as e:
         log.error("%s", e)
-        if ready_fd is not None:
-            _report(ready_fd, f"error: {e}")
-        elif req.foreground:
+        if req.foreground:
             print(f"raid1fs: {e}", file=sys.stderr)
+        ready.send(f"error: {e}")
         status = e.exit_code
     except BaseException as e:  # report, never hang the parent
         log.exception("mount process failed")
-        if ready_fd is not None:
-            _report(ready_fd, f"error: {req.mountpoint}: mount process failed: {e}")
+        ready.send(f"error: {req.mountpoint}: mount process failed: {e}")
         status = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
-
-
-def _report(fd: int, text: str) -> None:
-    try:
-        os.write(fd, text.encode() + b"\n")
-        os.close(fd)
-    except OSError:
-        pass
