@@ -72,7 +72,9 @@ def check_distinct(paths: list[str]) -> None:
         try:
             ident = identity(p)
         except FileNotFoundError:
-            continue  # reported by whoever opens it
+            # Not there yet (create makes it): the resolved path is its identity,
+            # so a new image named twice, or through a symlink, is caught too.
+            ident = ("path", os.path.realpath(p))
         except OSError as e:
             raise BadMemberError(f"{p}: cannot access: {e.strerror}") from None
         if ident in seen:

@@ -173,7 +173,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     from raid1fs import status as S
 
     try:
-        if len(a.paths) == 1 and os.path.isdir(a.paths[0]):
+        if len(a.paths) == 1 and _names_a_mount(a.paths[0]):
             st = control.request(a.paths[0], "status", timeout=30)
         else:
             st = S.offline_status(a.paths)
@@ -185,6 +185,12 @@ def cmd_status(a: argparse.Namespace) -> int:
     else:
         print(S.format_human(st))
     return S.exit_status(st)
+
+
+def _names_a_mount(path: str) -> bool:
+    """A mount point: it has a control socket (checked first: another user
+    cannot even stat a FUSE mount without allow_other), or is a directory."""
+    return any(os.path.exists(s) for s in control.candidate_sockets(path)) or os.path.isdir(path)
 
 
 def cmd_fail(a: argparse.Namespace) -> int:

@@ -74,8 +74,10 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 class ControlServer:
     """Serves requests for one mount until cancelled."""
 
-    def __init__(self, path: str, handlers: dict[str, Handler], owner_uid: int) -> None:
+    def __init__(self, path: str, handlers: dict[str, Handler], owner_uid: int,
+                 mountpoint: str = "") -> None:
         self.path = path
+        self.mountpoint = mountpoint
         self.handlers = handlers
         self.owner_uid = owner_uid
 
@@ -132,7 +134,8 @@ class ControlServer:
         if cmd in PRIVILEGED and not self.permitted(uid):
             log.warning("refused %s from uid %d (pid %d)", cmd, uid, pid)
             return {"ok": False, "exit": NotPermittedError.exit_code,
-                    "error": f"permission denied: only root and uid {self.owner_uid} "
+                    "error": f"{self.mountpoint}: permission denied: only root and uid "
+                             f"{self.owner_uid} "
                              f"(who mounted this volume) may run {cmd}"}
         handler = self.handlers.get(cmd)
         if handler is None:

@@ -80,6 +80,8 @@ def _inspect(path: str, force: bool) -> Target:
     try:
         st = os.stat(path)
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise BadMemberError(f"{path}: dangling symbolic link") from None
         parent = os.path.dirname(path) or "."
         if not os.path.isdir(parent):
             raise BadMemberError(f"{path}: parent directory does not exist") from None
@@ -149,15 +151,10 @@ def create_disk(paths: list[str], name: str, size: int | None, checksums: bool,
     uuids = [Superblock.new_uuid() for _ in targets]
     roster = [Slot(u, ACTIVE, t.path) for u, t in zip(uuids, targets, strict=True)]
     now = time.time()
+    fds = _open_all(targets, layout.member_bytes)
     first: Superblock | None = None
-    for slot, t in enumerate(targets):
-        if t.exists:
-            fd = m.open_member(t.path, writable=True)
-        else:
-            fd = os.open(t.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, layout.member_bytes)
-        try:
+    try:
+        for slot, (t, fd) in enumerate(zip(targets, fds, strict=True)):
             if t.exists:
                 _zero(fd, t.is_block, 0, layout.data_offset)
                 if t.reused:
@@ -174,10 +171,44 @@ def create_disk(paths: list[str], name: str, size: int | None, checksums: bool,
             write_superblock(fd, sb)
             write_superblock(fd, sb)
             first = first or sb
-        finally:
+    except OSError as e:
+        raise BadMemberError(f"{targets[slot].path}: write failed: {e.strerror}") from None
+    finally:
+        for fd in fds:
             os.close(fd)
     assert first is not None
     return first
+
+
+def _open_all(targets: list[Target], member_bytes: int) -> list[int]:
+    """Open (or create, sparse) every member before writing any: if one
+    cannot be had, the files made so far are removed and nothing was written."""
+    fds: list[int] = []
+    made: list[str] = []
+    try:
+        for t in targets:
+            if t.exists:
+                fds.append(m.open_member(t.path, writable=True))
+                continue
+            try:
+                fd = os.open(t.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise BadMemberError(f"{t.path}: cannot create: {e.strerror}") from None
+            made.append(t.path)
+            fds.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                os.ftruncate(fd, member_bytes)
+            except OSError as e:
+                raise BadMemberError(f"{t.path}: cannot size to {member_bytes} bytes: "
+                                     f"{e.strerror}") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        for p in made:
+            os.unlink(p)
+        raise
+    return fds
 
 
 def _zero(fd: int, is_block: bool, offset: int, length: int) -> None:

@@ -169,7 +169,7 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
 
     server = control.ControlServer(control.socket_path(mountpoint),
                                    {"status": h_status, "fail": h_fail, "remove": h_remove},
-                                   owner_uid=os.getuid())
+                                   owner_uid=os.getuid(), mountpoint=mountpoint)
     async with trio.open_nursery() as nursery:
         events.nursery = nursery
         await volume.start()

@@ -28,7 +28,11 @@ def run(*args: str | os.PathLike, check: bool = True, timeout: float = 120,
         user: str | None = None, **kw) -> subprocess.CompletedProcess:
     cmd = [str(a) for a in args]
     if user:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--"] + cmd
+        import pwd
+
+        pw = pwd.getpwnam(user) if not str(user).isdigit() else pwd.getpwuid(int(user))
+        cmd = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
+               "--"] + cmd
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd} exited {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}")

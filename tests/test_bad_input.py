@@ -1,0 +1,414 @@
+"""Guarantee 9 for disk volumes: bad input changes nothing.
+
+Every refusal must be one line on stderr that starts with `raid1fs: ` and
+names the path at fault, a non-zero exit status (2 only for bad usage), no
+Python traceback, and every member byte-identical afterwards (image files
+that did not exist before must still not exist).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import MiB, faultfs, member_state, raid1fs, sha256, status_json
+
+SIZE = "16M"
+
+
+# ----- helpers ----------------------------------------------------------------
+
+def assert_refused(r: subprocess.CompletedProcess, must_name: str | os.PathLike,
+                   code: int | None = None) -> str:
+    """`r` is a clean refusal naming `must_name`; returns the message line.
+
+    code=2 is bad usage: argparse may print its usage lines first, so only
+    the last line (the error) is held to naming what is wrong.
+    """
+    assert r.returncode != 0, f"accepted: {r.stdout!r}"
+    if code is not None:
+        assert r.returncode == code, f"exit {r.returncode}, wanted {code}: {r.stderr!r}"
+    else:
+        assert r.returncode != 2, f"exit 2 is for bad usage only: {r.stderr!r}"
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines, "no message on stderr"
+    if code == 2:
+        line = lines[-1]
+        assert line.startswith("raid1fs"), r.stderr
+    else:
+        assert len(lines) == 1, f"not one line: {r.stderr!r}"
+        line = lines[0]
+        assert line.startswith("raid1fs: "), line
+    assert str(must_name) in line, f"{must_name} not named in {line!r}"
+    return line
+
+
+def snapshot(*paths: str | os.PathLike) -> dict[str, str | None]:
+    """Hash of every path that is a file; None for one that does not exist."""
+    out: dict[str, str | None] = {}
+    for p in paths:
+        out[str(p)] = sha256(p) if os.path.lexists(p) else None
+    return out
+
+
+def assert_unchanged(before: dict[str, str | None]) -> None:
+    assert snapshot(*before) == before
+
+
+def create(*args: str | os.PathLike, size: str = SIZE) -> subprocess.CompletedProcess:
+    return raid1fs("create", "--kind", "disk", "--size", size, *args, check=False)
+
+
+def mount(*args: str | os.PathLike) -> subprocess.CompletedProcess:
+    r = raid1fs("mount", *args, check=False)
+    if r.returncode == 0:  # accepted by mistake: do not leave it mounted
+        raid1fs("umount", args[-1], check=False)
+    return r
+
+
+def flip_byte(path: str | os.PathLike, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def blank_image(env, name: str, size: int = 20 * MiB) -> Path:
+    """An existing, sparse, all-zero image file large enough for SIZE."""
+    p = env.path(name)
+    with open(p, "wb") as f:
+        f.truncate(size)
+    return p
+
+
+# ----- a member of another volume ------------------------------------------------
+
+@pytest.mark.parametrize("first", [True, False], ids=["taken-first", "taken-second"])
+def test_create_refuses_member_of_another_volume(env, first):
+    """create with a member of an existing volume (no --force) is refused,
+    naming it; neither that volume's members nor the new image change."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    new = env.path("new.img")
+    before = snapshot(a, b, new)
+    r = create(a, new) if first else create(new, a)
+    assert_refused(r, a)
+    assert_unchanged(before)
+
+
+def test_mount_refuses_members_of_two_volumes(env):
+    """mount mixing members of two volumes is refused, naming the odd one;
+    all four members stay byte-identical and nothing is mounted."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    c, d = env.create("c.img", "d.img", size=SIZE)
+    mnt = env.mkdir("mnt")
+    before = snapshot(a, b, c, d)
+    assert_refused(mount(a, c, mnt), c)
+    assert_unchanged(before)
+    assert not os.path.ismount(mnt)
+
+
+# ----- a member named twice ---------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["same", "dotted", "symlink", "hardlink"])
+def test_create_refuses_existing_member_named_twice(env, how):
+    """An existing image named twice (same path, a ./ spelling, a symlink, a
+    hard link) is refused by create; the image is unchanged."""
+    x = blank_image(env, "x.img")
+    other = {"same": x, "dotted": Path(f"{x.parent}/./{x.name}"),
+             "symlink": env.path("x-sym"), "hardlink": env.path("x-hard")}[how]
+    if how == "symlink":
+        other.symlink_to(x)
+    elif how == "hardlink":
+        other.hardlink_to(x)
+    before = snapshot(x)
+    assert_refused(create(x, other), other)
+    assert_unchanged(before)
+
+
+@pytest.mark.parametrize("how", ["same", "symlink"])
+def test_create_refuses_new_member_named_twice(env, how):
+    """A not-yet-existing image named twice (the same path, or a dangling
+    symlink to it) is refused by create, and no image file is created."""
+    new = env.path("new.img")
+    if how == "same":
+        other = new
+    else:
+        other = env.path("new-sym")
+        other.symlink_to(new)
+    before = snapshot(new)
+    assert_refused(create(new, other), other)
+    assert_unchanged(before)
+
+
+def test_create_with_dangling_symlink_is_all_or_nothing(env):
+    """A member that is a symlink to a file that does not exist yet is either
+    followed (the volume is created and both members carry it) or refused
+    cleanly, naming the link, with no image file left behind."""
+    new = env.path("new.img")
+    link = env.path("link")
+    link.symlink_to(env.path("elsewhere.img"))
+    r = create(new, link)
+    if r.returncode == 0:
+        st = status_json(new, link)
+        assert st["volume"]["state"] == "clean"
+        return
+    assert_refused(r, link)
+    assert not new.exists() and not env.path("elsewhere.img").exists()
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+def test_mount_refuses_member_named_twice(env, how):
+    """mount with one member named twice (same path, symlink, hard link) is
+    refused naming the duplicate; both members are unchanged."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    other = {"same": a, "symlink": env.path("a-sym"), "hardlink": env.path("a-hard")}[how]
+    if how == "symlink":
+        other.symlink_to(a)
+    elif how == "hardlink":
+        other.hardlink_to(a)
+    mnt = env.mkdir("mnt")
+    before = snapshot(a, b)
+    assert_refused(mount(a, other, mnt), other)
+    assert_unchanged(before)
+    assert not os.path.ismount(mnt)
+
+
+# ----- missing and unreadable paths -------------------------------------------------
+
+def test_create_refuses_missing_parent_directory(env):
+    """create with an image in a directory that does not exist is refused
+    naming it; the other image is not created and no directory appears."""
+    a = env.path("a.img")
+    b = env.path("nodir") / "b.img"
+    before = snapshot(a)
+    assert_refused(create(a, b), b)
+    assert_unchanged(before)
+    assert not env.path("nodir").exists()
+
+
+def test_mount_refuses_nonexistent_member(env):
+    """mount naming a member that does not exist is refused, naming it."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    nope = env.path("nope.img")
+    mnt = env.mkdir("mnt")
+    before = snapshot(a, b, nope)
+    assert_refused(mount(a, nope, mnt), nope)
+    assert_unchanged(before)
+    assert not os.path.ismount(mnt)
+
+
+@pytest.mark.parametrize("command", ["create", "mount"])
+def test_directory_as_disk_member_is_refused(env, command):
+    """A directory given as a disk member is refused by create and mount,
+    naming it; the directory stays empty and the other members unchanged."""
+    d = env.mkdir("adir")
+    if command == "create":
+        a = env.path("a.img")
+        before = snapshot(a)
+        assert_refused(create(a, d), d)
+    else:
+        a, b = env.create("a.img", "b.img", size=SIZE)
+        before = snapshot(a, b)
+        mnt = env.mkdir("mnt")
+        assert_refused(mount(a, d, mnt), d)
+        assert not os.path.ismount(mnt)
+    assert_unchanged(before)
+    assert os.listdir(d) == []
+
+
+def test_mount_refuses_member_that_cannot_be_read(env):
+    """A member whose every I/O fails (faultfs eio) makes mount refuse with
+    one line naming it; the healthy member is unchanged."""
+    src, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size=SIZE)
+    before = snapshot(src / "a.img", b)
+    faultfs("set", ffs, "eio")
+    try:
+        mnt = env.mkdir("mnt")
+        assert_refused(mount(a, b, mnt), a)
+        assert not os.path.ismount(mnt)
+    finally:
+        faultfs("set", ffs, "ok")
+    assert_unchanged(before)
+
+
+# ----- too small ------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_size", [True, False], ids=["size-given", "size-guessed"])
+def test_create_refuses_member_too_small(env, with_size):
+    """An existing image smaller than the volume needs is refused naming it;
+    it is unchanged and the other image is not created / not changed."""
+    small = blank_image(env, "small.img", 8 * MiB if with_size else 512 << 10)
+    if with_size:
+        other = env.path("new.img")
+        before = snapshot(small, other)
+        r = create(other, small)
+    else:
+        other = blank_image(env, "big.img", 32 * MiB)
+        before = snapshot(small, other)
+        r = raid1fs("create", "--kind", "disk", other, small, check=False)
+    assert_refused(r, small)
+    assert_unchanged(before)
+
+
+# ----- corrupted metadata -----------------------------------------------------------
+
+def test_both_superblock_copies_corrupt_is_refused(env):
+    """With both superblock copies of a member damaged, mount refuses naming
+    it, `status MEMBER` exits 3 with one line, and no member is touched."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    flip_byte(a, 100)
+    flip_byte(a, 4096 + 100)
+    before = snapshot(a, b)
+    mnt = env.mkdir("mnt")
+    assert_refused(mount(a, b, mnt), a)
+    assert not os.path.ismount(mnt)
+    assert_refused(raid1fs("status", a, check=False), a, code=3)
+    assert_refused(raid1fs("status", "--json", a, b, check=False), a, code=3)
+    assert_unchanged(before)
+    # create without --force does not overwrite the damaged member either
+    assert_refused(create(a, env.path("new.img")), a)
+    assert_unchanged(before)
+
+
+@pytest.mark.parametrize("copy", [0, 1])
+def test_one_superblock_copy_corrupt_still_mounts(env, copy):
+    """With one superblock copy damaged the other is used: status reports the
+    problem, the volume mounts and serves data, and after umount both
+    members' metadata is whole and the volume clean."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    flip_byte(a, copy * 4096 + 100)
+    st = status_json(a, b)
+    problems = next(m for m in st["members"] if m["path"] == str(a))["metadata_problems"]
+    assert any(p.startswith(f"copy {copy}") for p in problems), problems
+    mnt = env.mount(a, b)
+    payload = os.urandom(MiB)
+    with open(mnt / "disk", "r+b") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    assert member_state(status_json(mnt), a) == "online"
+    raid1fs("umount", mnt)
+    r = raid1fs("status", "--json", a, b, check=False)
+    assert r.returncode == 0, r.stderr
+    st = status_json(a, b)
+    assert st["volume"]["state"] == "clean"
+    assert all(m["metadata_problems"] == [] for m in st["members"]), st["members"]
+    assert len({m["events"] for m in st["members"]}) == 1
+
+
+# ----- the mount point --------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["is-member", "member-inside", "does-not-exist",
+                                  "not-a-directory", "already-mounted"])
+def test_bad_mount_point_is_refused(env, case):
+    """A mount point that is a member, that holds a member, that does not
+    exist, that is a file, or where something is already mounted: refused,
+    naming the path at fault; no member changes."""
+    sub = env.mkdir("sub")
+    a, b = env.create(sub / "a.img", "b.img", size=SIZE)
+    others: list[Path] = []
+    if case == "is-member":
+        mp, fault = a, a
+    elif case == "member-inside":
+        mp, fault = sub, a
+    elif case == "does-not-exist":
+        mp = fault = env.path("nomnt")
+    elif case == "not-a-directory":
+        mp = fault = env.path("file")
+        mp.write_bytes(b"not a directory\n")
+        others.append(mp)
+    else:
+        others = env.create("c.img", "d.img", size=SIZE)
+        mp = fault = env.mount(*others, mp="mnt")
+        others = []  # in use by their own mount: not ours to hash
+    before = snapshot(a, b, *others)
+    assert_refused(mount(a, b, mp), fault)
+    assert_unchanged(before)
+    if case == "does-not-exist":
+        assert not mp.exists()
+    if case == "already-mounted":
+        assert status_json(mp)["volume"]["state"] == "clean"  # the first mount is fine
+
+
+def test_mount_refuses_members_in_use(env):
+    """Members already mounted elsewhere cannot be mounted a second time."""
+    (a, b), mnt = env.volume(size=SIZE)
+    mnt2 = env.mkdir("mnt2")
+    assert_refused(mount(a, b, mnt2), a)
+    assert not os.path.ismount(mnt2)
+    assert status_json(mnt)["volume"]["state"] == "clean"
+
+
+# ----- members that hold data -------------------------------------------------------
+
+def test_member_holding_data_needs_force(env):
+    """An image that holds data is refused without --force (nothing changes,
+    the other image is not created); with --force it is accepted and the
+    volume's disk then reads as zeros, identical on both members."""
+    x = blank_image(env, "x.img")
+    with open(x, "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(os.urandom(MiB))
+    new = env.path("new.img")
+    before = snapshot(x, new)
+    assert_refused(create(new, x), x)
+    assert_unchanged(before)
+
+    r = raid1fs("create", "--kind", "disk", "--size", SIZE, "--force", new, x)
+    assert r.returncode == 0, r.stderr
+    mnt = env.mount(new, x)
+    with open(mnt / "disk", "rb") as f:
+        data = f.read()
+    assert len(data) == 16 * MiB
+    assert data.count(0) == len(data), "disk does not read as zeros after --force"
+    raid1fs("umount", mnt)
+    st = status_json(new, x)
+    off = st["members"][0]["data_offset"]
+    assert sha256(new, off, 16 * MiB) == sha256(x, off, 16 * MiB)
+
+
+# ----- usage errors -----------------------------------------------------------------
+
+@pytest.mark.parametrize("args,name", [
+    (["--size", SIZE], "two members"),
+    (["--size", "12Q"], "12Q"),
+    (["--size=-5M"], "-5M"),
+    (["--size", "1000"], "1000"),
+], ids=["one-member", "bad-size", "negative-size", "unaligned-size"])
+def test_create_usage_errors_exit_2(env, args, name):
+    """create with one member, or a --size that is unparsable, negative or not
+    a multiple of 4 KiB, is bad usage: exit 2,
+    no traceback, and no image file is created."""
+    a, b = env.path("a.img"), env.path("b.img")
+    members = [a] if name == "two members" else [a, b]
+    r = raid1fs("create", "--kind", "disk", *args, *members, check=False)
+    assert_refused(r, name, code=2)
+    assert not a.exists() and not b.exists()
+
+
+# ----- a missing member -------------------------------------------------------------
+
+def test_missing_member_needs_degraded(env):
+    """mount with a member missing is refused naming it unless --degraded;
+    with --degraded it mounts, status shows the member missing and the volume
+    degraded (exit 1)."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    os.rename(b, env.path("b.away"))
+    mnt = env.mkdir("mnt")
+    before = snapshot(a, env.path("b.away"))
+    assert_refused(mount(a, mnt), b)
+    assert_unchanged(before)
+    assert not os.path.ismount(mnt)
+
+    env.mount(a, opts=["--degraded"])
+    r = raid1fs("status", "--json", mnt, check=False)
+    assert r.returncode == 1, r.stderr
+    st = status_json(mnt)
+    assert st["volume"]["state"] == "degraded"
+    assert member_state(st, a) == "online"
+    assert member_state(st, b) == "missing"

@@ -1,0 +1,356 @@
+"""Guarantee 10 (the control path is private), `status`, counters, events
+and mount options, on a mounted disk volume."""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import sys
+import threading
+
+import pytest
+from conftest import MiB, member_state, raid1fs, run, sha256, status_json, wait_for
+
+from raid1fs import control
+
+# conftest's run(user="nobody") passes the name to --regid too, and this
+# system has no group called "nobody" (it is "nogroup"): use the numbers.
+NOBODY = "65534"
+
+
+def member(st: dict, path) -> dict:
+    return next(m for m in st["members"] if m["path"] == str(path))
+
+
+def one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"not one line: {stderr!r}"
+    assert lines[0].startswith("raid1fs: "), lines[0]
+    return lines[0]
+
+
+# ----- guarantee 10 -----------------------------------------------------------------
+
+def test_nobody_can_run_the_client():
+    """Sanity for the tests below: user nobody can start the raid1fs CLI
+    from the project's venv (else a refusal would prove nothing)."""
+    r = run(sys.executable, "-m", "raid1fs", "--version", user=NOBODY, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("raid1fs ")
+
+
+@pytest.mark.parametrize("cmd", ["fail", "remove"])
+def test_other_user_cannot_fail_or_remove(env, cmd):
+    """A user who neither is root nor mounted the volume gets "permission
+    denied" (one line, non-zero exit) from fail and remove, and the member
+    keeps its state; root can still do it afterwards."""
+    (a, b), mnt = env.volume(size="16M")
+    if cmd == "remove":
+        raid1fs("fail", mnt, a)  # remove needs a failed member
+    want = member_state(status_json(mnt), a)
+    r = raid1fs(cmd, mnt, a, user=NOBODY, check=False)
+    assert r.returncode not in (0, 2), (r.returncode, r.stderr)
+    line = one_line(r.stderr)
+    assert "permission denied" in line.lower(), line
+    # The refusal came from the mount, on the peer's credentials: it reached
+    # the control socket (not a client-side EACCES) and was logged there.
+    log = os.path.join(os.environ["RAID1FS_RUN_DIR"], control.mount_key(str(mnt)) + ".log")
+    refusals = [ln for ln in open(log) if "refused" in ln and cmd in ln and "65534" in ln]
+    assert refusals, f"no refusal of {cmd} by uid 65534 in {log}"
+    st = status_json(mnt)
+    assert member_state(st, a) == want
+    assert [m["path"] for m in st["members"]] == [str(a), str(b)]
+    raid1fs(cmd, mnt, a)  # root may
+    st = status_json(mnt)
+    if cmd == "fail":
+        assert member_state(st, a) == "failed"
+    else:
+        assert [m["path"] for m in st["members"]] == [str(b)]
+
+
+# ----- status -----------------------------------------------------------------------
+
+def test_status_human_table(env):
+    """The human form has a header with READ/WRITE/CKSUM columns and one row
+    per member with its state."""
+    (a, b), mnt = env.volume(size="16M")
+    raid1fs("fail", mnt, a)
+    r = raid1fs("status", mnt, check=False)
+    assert r.returncode == 1
+    lines = r.stdout.splitlines()
+    header = next(ln for ln in lines if "READ" in ln)
+    assert {"STATE", "READ", "WRITE", "CKSUM"} <= set(header.split()), header
+    rows = {p: [ln for ln in lines if str(p) in ln.split()] for p in (a, b)}
+    assert len(rows[a]) == 1 and len(rows[b]) == 1, r.stdout
+    assert "failed" in rows[a][0].split()
+    assert "online" in rows[b][0].split()
+    assert "DEGRADED" in r.stdout
+
+
+def test_status_json_has_every_contract_field(env):
+    """`status --json` carries every field the contract lists, with the
+    right types, for a mount and for the members of an unmounted volume."""
+    (a, b), mnt = env.volume(size="16M")
+    for target, mounted in (((mnt,), True), ((a, b), False)):
+        if not mounted:
+            raid1fs("umount", mnt)
+        st = status_json(*target)
+        v = st["volume"]
+        assert isinstance(v["uuid"], str) and len(v["uuid"]) == 36
+        assert isinstance(v["name"], str)
+        assert v["kind"] == "disk"
+        assert v["state"] == "clean"
+        assert v["members_expected"] == 2 and isinstance(v["members_expected"], int)
+        assert v["mounted"] is mounted
+        assert [m["path"] for m in st["members"]] == [str(a), str(b)]
+        uuids = set()
+        for slot, m in enumerate(st["members"]):
+            assert os.path.isabs(m["path"])
+            assert isinstance(m["uuid"], str) and len(m["uuid"]) == 36
+            uuids.add(m["uuid"])
+            assert m["slot"] == slot
+            assert m["state"] == "online"
+            assert isinstance(m["events"], int) and not isinstance(m["events"], bool)
+            assert set(m["errors"]) >= {"read", "write", "checksum"}
+            assert all(type(m["errors"][k]) is int for k in ("read", "write", "checksum"))
+            assert type(m["reads"]) is int and type(m["writes"]) is int
+            assert m["rebuild"] is None
+            assert type(m["data_offset"]) is int
+            assert m["data_offset"] > 0 and m["data_offset"] % MiB == 0
+        assert len(uuids) == 2 and v["uuid"] not in uuids
+
+
+@pytest.mark.parametrize("what", ["plain-dir", "plain-file", "nonexistent"])
+def test_status_exit_3_when_it_cannot_tell(env, what):
+    """status of a path that is neither a raid1fs mount nor a member exits 3
+    with one line naming it."""
+    p = env.path("thing")
+    if what == "plain-dir":
+        p.mkdir()
+    elif what == "plain-file":
+        p.write_bytes(b"\0" * 65536)
+    for args in ((p,), ("--json", p)):
+        r = raid1fs("status", *args, check=False)
+        assert r.returncode == 3, (r.returncode, r.stdout, r.stderr)
+        assert str(p) in one_line(r.stderr)
+
+
+def test_status_exit_codes_clean_and_degraded(env):
+    """status exits 0 while every member is in sync and 1 once one failed,
+    for the mount and for the members after umount."""
+    (a, b), mnt = env.volume(size="16M")
+    assert raid1fs("status", mnt, check=False).returncode == 0
+    assert raid1fs("status", "--json", mnt, check=False).returncode == 0
+    raid1fs("fail", mnt, a)
+    assert raid1fs("status", mnt, check=False).returncode == 1
+    assert raid1fs("status", "--json", mnt, check=False).returncode == 1
+    raid1fs("umount", mnt)
+    assert raid1fs("status", a, b, check=False).returncode == 1
+
+
+def test_events_counter_rises_on_every_state_change(env):
+    """Members' event counters are equal when clean and rise at mount, at a
+    fail (on the survivor, not on the failed member) and at umount."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    st = status_json(a, b)
+    e0 = member(st, a)["events"]
+    assert member(st, b)["events"] == e0 == st["volume"]["events"]
+
+    mnt = env.mount(a, b)
+    st = status_json(mnt)
+    e1 = member(st, a)["events"]
+    assert e1 > e0 and member(st, b)["events"] == e1
+
+    raid1fs("fail", mnt, a)
+    st = status_json(mnt)
+    e2 = member(st, b)["events"]
+    assert e2 > e1
+    assert member(st, a)["events"] < e2  # the failed member missed the change
+
+    raid1fs("umount", mnt)
+    st = status_json(b)
+    assert member(st, b)["events"] > e2
+    st = status_json(a, b)
+    assert member(st, a)["events"] < member(st, b)["events"]
+    assert member_state(st, a) == "stale"
+
+
+# ----- fail and remove refusals -----------------------------------------------------
+
+def test_fail_and_remove_refusals(env):
+    """fail of an unknown path, fail of the last in-sync member, fail of an
+    already failed member and remove of an online member are refused with
+    one line naming the member; the volume keeps running on the survivor."""
+    (a, b), mnt = env.volume(size="16M")
+    stranger = env.path("stranger.img")
+    r = raid1fs("fail", mnt, stranger, check=False)
+    assert r.returncode not in (0, 2) and str(stranger) in one_line(r.stderr)
+    r = raid1fs("remove", mnt, a, check=False)
+    assert r.returncode not in (0, 2) and str(a) in one_line(r.stderr)
+    assert status_json(mnt)["volume"]["state"] == "clean"
+
+    raid1fs("fail", mnt, a)
+    r = raid1fs("fail", mnt, b, check=False)
+    assert r.returncode not in (0, 2) and str(b) in one_line(r.stderr)
+    r = raid1fs("fail", mnt, a, check=False)
+    assert r.returncode not in (0, 2) and str(a) in one_line(r.stderr)
+    st = status_json(mnt)
+    assert member_state(st, a) == "failed"
+    assert member_state(st, b) == "online"
+    assert st["volume"]["state"] == "degraded"
+    payload = os.urandom(MiB)
+    with open(mnt / "disk", "r+b") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(mnt / "disk", os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, MiB)
+        assert os.preadv(fd, [buf], 0) == MiB
+        assert bytes(buf) == payload
+    finally:
+        os.close(fd)
+
+
+def test_control_commands_on_a_path_that_is_not_a_mount(env):
+    """fail and remove against a directory that is not a raid1fs mount fail
+    with one line naming it."""
+    a, _ = env.create("a.img", "b.img", size="16M")
+    d = env.mkdir("notmounted")
+    for cmd in ("fail", "remove"):
+        r = raid1fs(cmd, d, a, check=False)
+        assert r.returncode not in (0, 2)
+        assert str(d) in one_line(r.stderr)
+
+
+# ----- I/O counters -----------------------------------------------------------------
+
+def test_reads_and_writes_counters(env):
+    """Writes through the disk count on both members; reads count on at
+    least one; nothing counts as an error."""
+    (a, b), mnt = env.volume(size="16M")
+    payload = os.urandom(4 * MiB)
+    fd = os.open(mnt / "disk", os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, len(payload))
+        buf[:] = payload
+        assert os.pwritev(fd, [buf], 0) == len(payload)
+        os.fsync(fd)
+        back = mmap.mmap(-1, len(payload))
+        assert os.preadv(fd, [back], 0) == len(payload)
+        assert bytes(back) == payload
+    finally:
+        os.close(fd)
+    st = status_json(mnt)
+    ma, mb = member(st, a), member(st, b)
+    assert ma["writes"] > 0 and mb["writes"] > 0
+    assert ma["writes"] == mb["writes"]
+    assert ma["reads"] + mb["reads"] > 0
+    for m in (ma, mb):
+        assert m["errors"]["read"] == m["errors"]["write"] == m["errors"]["checksum"] == 0
+
+
+def test_concurrent_reads_are_spread_over_members(env):
+    """Several threads reading different regions at once (O_DIRECT, so
+    every read reaches raid1fs) are served by both members."""
+    (a, b), mnt = env.volume(size="32M")
+    with open(mnt / "disk", "r+b") as f:
+        f.write(os.urandom(32 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def reader(i: int) -> None:
+        try:
+            fd = os.open(mnt / "disk", os.O_RDONLY | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, 256 << 10)
+                start.wait()
+                for k in range(16):
+                    os.preadv(fd, [buf], i * 8 * MiB + k * (256 << 10))
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    st = status_json(mnt)
+    reads = {m["path"]: m["reads"] for m in st["members"]}
+    assert sum(reads.values()) >= 64, reads
+    assert reads[str(a)] > 0 and reads[str(b)] > 0, reads
+
+
+# ----- events -----------------------------------------------------------------------
+
+def test_on_event_runs_the_command(env):
+    """--on-event runs the command through the shell with RAID1FS_EVENT,
+    RAID1FS_MEMBER, RAID1FS_VOLUME and RAID1FS_MOUNTPOINT: failing a member
+    logs member-failed (naming it) and degraded."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    log = env.path("events.log")
+    cmd = (f'echo "$RAID1FS_EVENT $RAID1FS_MEMBER|$RAID1FS_VOLUME|$RAID1FS_MOUNTPOINT"'
+           f' >> {log}')
+    mnt = env.mount(a, b, opts=["--on-event", cmd])
+    uuid = status_json(mnt)["volume"]["uuid"]
+    raid1fs("fail", mnt, a)
+
+    def lines() -> list[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    wait_for(lambda: any(ln.startswith("degraded") for ln in lines())
+             and any(ln.startswith("member-failed") for ln in lines()),
+             timeout=10, what="member-failed and degraded in the event log")
+    failed = next(ln for ln in lines() if ln.startswith("member-failed"))
+    assert failed.startswith(f"member-failed {a}|")
+    assert failed.split("|")[1:] == [uuid, str(mnt)]
+
+
+# ----- mount options ----------------------------------------------------------------
+
+def test_readonly_mount(env):
+    """-o ro: opening the disk for writing fails with EROFS, reads work, and
+    no member changes across the mount and the umount."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    before = {str(p): sha256(p) for p in (a, b)}
+    mnt = env.mount(a, b, opts=["-o", "ro"])
+    with pytest.raises(OSError) as e:
+        os.open(mnt / "disk", os.O_RDWR)
+    assert e.value.errno == errno.EROFS
+    with open(mnt / "disk", "rb") as f:
+        assert f.read(MiB) == bytes(MiB)
+    st = status_json(mnt)
+    assert st["volume"]["state"] == "clean"
+    assert st["volume"].get("readonly") is True
+    raid1fs("umount", mnt)
+    assert {str(p): sha256(p) for p in (a, b)} == before
+
+
+def test_sync_mount_round_trips_data(env):
+    """-o sync: the mount works, and data written lands identically on both
+    members (read directly from their data regions)."""
+    (a, b), mnt = env.volume(size="16M", opts=["-o", "sync"])
+    payload = os.urandom(2 * MiB)
+    with open(mnt / "disk", "r+b") as f:
+        f.seek(MiB)
+        f.write(payload)
+    with open(mnt / "disk", "rb") as f:
+        f.seek(MiB)
+        assert f.read(len(payload)) == payload
+    st = status_json(mnt)
+    off = member(st, a)["data_offset"]
+    # Both members hold the data, read directly from their data regions.
+    for p in (a, b):
+        with open(p, "rb") as f:
+            f.seek(off + MiB)
+            assert f.read(len(payload)) == payload
+    raid1fs("umount", mnt)
+    assert json.loads(raid1fs("status", "--json", a, b).stdout)["volume"]["state"] == "clean"
