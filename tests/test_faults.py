@@ -35,9 +35,9 @@ def _file_sizes(rng: random.Random, n: int) -> list[int]:
         elif r < 0.85:
             sizes.append(rng.randint(1, 64 << 10))
         elif r < 0.99:
-            sizes.append(rng.randint(64 << 10, 2 * MiB))
+            sizes.append(rng.randint(64 << 10, MiB))
         else:
-            sizes.append(rng.randint(2 * MiB, 16 * MiB))
+            sizes.append(rng.randint(2 * MiB, 8 * MiB))
     sizes[n // 3] = 64 * MiB  # one of the largest size, in the middle
     return sizes
 
@@ -74,7 +74,7 @@ def test_ext4_survives_member_failing_mid_workload(env, fault):
     clean, every file's hash matches, and B's data region read directly
     (losetup -o data_offset) is byte-identical to the mount's disk."""
     _, ffs = env.faultfs()
-    a, b = env.create(ffs / "a.img", "b.img", size="512M")
+    a, b = env.create(ffs / "a.img", "b.img", size="1G")
     mnt = env.mount(a, b, opts=["--io-timeout", "2"])
     loop = env.losetup(mnt / "disk")
     run("mkfs.ext4", "-q", loop)
@@ -87,6 +87,8 @@ def test_ext4_survives_member_failing_mid_workload(env, fault):
             break
         time.sleep(0.05)
     faultfs("set", ffs, fault)
+    at_fault = writer.progress
+    assert 0 < at_fault < len(writer.sizes), "the fault must land mid-workload"
     writer.join(timeout=600)
     assert not writer.is_alive(), "writer stuck"
     assert writer.error is None, f"writer saw {writer.error!r}"
