@@ -71,7 +71,9 @@ class MemberIOError(Exception):
     """One member failed one operation. Handled inside the engine."""
 
     def __init__(self, member: str, op: str, cause: BaseException | str) -> None:
-        super().__init__(f"{member}: {op} failed: {cause}")
+        text = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        super().__init__(f"{member}: {op} failed: {text}")
+        self.reason = f"{op} failed: {text}"  # without the path, for status
         self.member = member
         self.op = op
         self.cause = cause

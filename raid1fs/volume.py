@@ -179,7 +179,7 @@ class Volume:
                         "metadata write failed on every member: "
                         + "; ".join(str(e) for e in errors.values()))
                 for x, e in errors.items():
-                    self._mark_failed(x, str(e))
+                    self._mark_failed(x, e.reason)
 
     def _sb_for(self, x: Member) -> Superblock:
         """The volume's superblock as member x stores it (its identity, its seq)."""
@@ -234,7 +234,7 @@ class Volume:
                 x.stats.note_error()
             first = next(iter(errors.values()))
             raise VolumeIOError(f"{what} failed on every member: {first}")
-        await self._commit(lambda sb: [self._mark_failed(x, str(e)) for x, e in errors.items()])
+        await self._commit(lambda sb: [self._mark_failed(x, e.reason) for x, e in errors.items()])
 
     async def write(self, offset: int, data: bytes) -> int:
         if self.readonly:
@@ -276,7 +276,7 @@ class Volume:
             except MemberTimeoutError as e:
                 x.stats.read_errors += 1
                 if len(self.online()) > 1:
-                    await self._commit(lambda sb, x=x, e=e: self._mark_failed(x, str(e)))
+                    await self._commit(lambda sb, x=x, e=e: self._mark_failed(x, e.reason))
                 else:
                     x.stats.note_error()
                 continue
@@ -312,7 +312,7 @@ class Volume:
                             good.path)
         if errors:
             await self._commit(lambda sb: [self._mark_failed(x, f"rewrite after read error "
-                                                             f"failed: {e}")
+                                                             f"failed: {e.reason}")
                                            for x, e in errors.items()])
 
     # ----- operator actions -------------------------------------------------
