@@ -35,6 +35,7 @@ SPARE = "spare"
 
 ERROR_HALF_LIFE = 60.0  # seconds: how fast "recent errors" are forgotten
 LATENCY_ALPHA = 0.2  # weight of the newest sample in the latency average
+LATENCY_HALF_LIFE = 10.0  # seconds: how fast an unused member's latency is forgotten
 
 
 def open_member(path: str, writable: bool = True, lock: bool = True) -> int:
@@ -91,6 +92,7 @@ class MemberStats:
     recent_errors: float = 0.0
     recent_errors_at: float = field(default_factory=time.monotonic)
     latency: float = 0.0  # moving average of read latency, seconds
+    last_read_at: float = 0.0
     inflight: int = 0
     next_offset: int = -(1 << 62)  # where the last read ended: keeps streams on one member
 
@@ -98,6 +100,11 @@ class MemberStats:
         now = time.monotonic() if now is None else now
         age = now - self.recent_errors_at
         return self.recent_errors * math.pow(0.5, age / ERROR_HALF_LIFE)
+
+    def recent_latency(self, now: float) -> float:
+        """The latency average, halved for every LATENCY_HALF_LIFE without a
+        read: a member once slow is tried again later and can prove it is not."""
+        return self.latency * math.pow(0.5, (now - self.last_read_at) / LATENCY_HALF_LIFE)
 
     def note_error(self) -> None:
         now = time.monotonic()
@@ -156,8 +163,10 @@ class Member:
             data = await self._run("read", pread_full, self.fd, length, self.data_offset + offset)
         finally:
             self.stats.inflight -= 1
-        dt = time.monotonic() - t0
+        now = time.monotonic()
+        dt = now - t0
         s = self.stats
+        s.last_read_at = now
         s.latency = dt if s.reads == 0 else (1 - LATENCY_ALPHA) * s.latency + LATENCY_ALPHA * dt
         s.reads += 1
         s.next_offset = offset + length

@@ -83,8 +83,9 @@ def read_balance(candidates: list[Member], offset: int) -> list[Member]:
 
     Only in-sync members are candidates (the caller filters). Among them:
       1. fewer recent errors first (a decaying count, half-life 60 s);
-      2. then members that are not slow: a member whose average read latency
-         is more than twice the best (plus 1 ms of slack) goes last;
+      2. then members that are not slow: a member whose recent read latency
+         is more than twice the best (plus 1 ms of slack) goes last; the
+         estimate of an unused member decays, so a slow one is tried again;
       3. then the member whose last read ended near where this one starts
          (within 4 MiB), so a sequential stream, readahead included, stays on
          one member and keeps that member's own readahead working;
@@ -95,11 +96,12 @@ def read_balance(candidates: list[Member], offset: int) -> list[Member]:
     if len(candidates) <= 1:
         return list(candidates)
     now = time.monotonic()
-    best_latency = min(c.stats.latency for c in candidates)
+    latency = {c: c.stats.recent_latency(now) for c in candidates}
+    best_latency = min(latency.values())
 
     def key(c: Member) -> tuple[int, int, int, int, int]:
         s = c.stats
-        slow = s.latency > 2 * best_latency + 0.001
+        slow = latency[c] > 2 * best_latency + 0.001
         near = abs(offset - s.next_offset) < STREAM_WINDOW
         return (round(s.error_score(now)), int(slow), 0 if near else 1, s.inflight, c.slot)
 

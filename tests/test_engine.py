@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 import trio.testing
@@ -19,6 +21,7 @@ def member(slot: int, errors: float = 0, latency: float = 0.001, inflight: int =
     x = Member(f"/m{slot}", -1, sb, 30.0, "online")
     x.stats.recent_errors = errors
     x.stats.latency = latency
+    x.stats.last_read_at = time.monotonic()
     x.stats.inflight = inflight
     return x
 
@@ -34,6 +37,13 @@ def test_read_balance_prefers_fewer_errors_then_latency_then_load():
     g.stats.inflight = 2
     assert read_balance([f, g], (1 << 30) + 4096)[0] is g  # ...even with readahead in flight
     assert read_balance([f, g], 0)[0] is f  # an unrelated read goes to the idle one
+
+
+def test_slow_member_is_tried_again_later():
+    a, b = member(0, latency=0.050), member(1)
+    assert read_balance([a, b], 0)[0] is b
+    a.stats.last_read_at -= 120  # unused for two minutes
+    assert read_balance([a, b], 0)[0] is a
 
 
 def test_recent_errors_decay():
