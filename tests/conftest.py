@@ -53,11 +53,15 @@ def status_json(target: str | os.PathLike, *more: str | os.PathLike) -> dict:
     return json.loads(r.stdout)
 
 
-def member_state(st: dict, path: str | os.PathLike) -> str:
+def member_entry(st: dict, path: str | os.PathLike) -> dict:
     for m in st["members"]:
         if m["path"] == str(path):
-            return m["state"]
+            return m
     raise KeyError(path)
+
+
+def member_state(st: dict, path: str | os.PathLike) -> str:
+    return member_entry(st, path)["state"]
 
 
 def sha256(path: str | os.PathLike, offset: int = 0, length: int | None = None) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import MiB, member_state, raid1fs, status_json
+from conftest import MiB, member_entry, member_state, raid1fs, status_json
 
 
 def _write(mnt, data: bytes, offset: int = 0) -> None:
@@ -40,7 +40,7 @@ def test_member_absent_from_degraded_mount_is_stale(env):
     assert _read(mnt, MiB) == b"B" * MiB
     st = status_json(mnt)
     assert member_state(st, a) == "stale"
-    assert next(m for m in st["members"] if m["path"] == str(a))["reads"] == 0
+    assert member_entry(st, a)["reads"] == 0
     raid1fs("umount", mnt)
 
 

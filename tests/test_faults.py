@@ -17,6 +17,7 @@ from conftest import (
     MiB,
     data_region_hash,
     faultfs,
+    member_entry,
     member_state,
     raid1fs,
     run,
@@ -121,10 +122,8 @@ def _drop_cache(path) -> None:
         os.close(fd)
 
 
-def test_read_errors_are_retried_and_healed(env):
-    """Reads failing on member A are served from B; the bad copy is
-    rewritten from the good one, A stays online with its READ errors counted,
-    and every read returns the right data."""
+def _filled_volume(env):
+    """A 32 MiB volume, member A on faultfs, filled with random data."""
     _, ffs = env.faultfs()
     a, b = env.create(ffs / "a.img", "b.img", size="32M")
     mnt = env.mount(a, b)
@@ -133,13 +132,21 @@ def test_read_errors_are_retried_and_healed(env):
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())
+    return ffs, a, b, mnt, payload
+
+
+def test_read_errors_are_retried_and_healed(env):
+    """Reads failing on member A are served from B; the bad copy is
+    rewritten from the good one, A stays online with its READ errors counted,
+    and every read returns the right data."""
+    ffs, a, b, mnt, payload = _filled_volume(env)
     faultfs("set", ffs, "eio-read")
     for _ in range(3):
         _drop_cache(mnt / "disk")
         with open(mnt / "disk", "rb") as f:
             assert f.read() == payload
     st = status_json(mnt)
-    ma = next(m for m in st["members"] if m["path"] == str(a))
+    ma = member_entry(st, a)
     assert ma["state"] == "online"
     assert ma["errors"]["read"] > 0
     assert st["volume"]["state"] == "clean"
@@ -171,7 +178,7 @@ def test_hung_member_does_not_wedge_the_volume(env):
     assert elapsed < 1.5 + 5, f"caller waited {elapsed:.1f}s"
     st = status_json(mnt)
     assert member_state(st, a) == "failed"
-    assert "timeout" in (next(m for m in st["members"] if m["path"] == str(a))["fail_reason"])
+    assert "timeout" in (member_entry(st, a)["fail_reason"])
     _drop_cache(mnt / "disk")
     with open(mnt / "disk", "rb") as f:
         assert f.read(4096) == b"x" * 4096
@@ -208,19 +215,14 @@ def test_failed_member_is_stale_at_next_mount(env):
         f.read()
     st = status_json(mnt)
     assert member_state(st, a) == "stale"
-    assert next(m for m in st["members"] if m["path"] == str(a))["reads"] == 0
+    assert member_entry(st, a)["reads"] == 0
     assert st["volume"]["state"] == "degraded"
 
 
 def test_reads_prefer_the_faster_member(env):
     """A member that turns slow (every I/O delayed 20 ms) loses the reads to
     the fast one: guarantee 2's latency rule, seen in the reads counters."""
-    _, ffs = env.faultfs()
-    a, b = env.create(ffs / "a.img", "b.img", size="32M")
-    mnt = env.mount(a, b)
-    payload = os.urandom(32 * MiB)
-    with open(mnt / "disk", "r+b") as f:
-        f.write(payload)
+    ffs, a, b, mnt, payload = _filled_volume(env)
     faultfs("set", ffs, "delay", "--delay", "0.02")
     before = {m["path"]: m["reads"] for m in status_json(mnt)["members"]}
     fd = os.open(mnt / "disk", os.O_RDONLY)
