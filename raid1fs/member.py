@@ -9,6 +9,7 @@ one call on many members at once. The engine decides what a failure means.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import math
@@ -215,6 +216,20 @@ def pread_full(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+SYNC_FILE_RANGE_WRITE = 2
+WRITEOUT_MIN = 256 << 10  # large writes start their write-out at once
+
+
+def start_writeout(fd: int, offset: int, length: int) -> None:
+    """Start (not wait for) write-out of a range: a member gets two copies'
+    worth of dirty data, and an fsync at the end would otherwise find all of
+    it still in memory. Best effort: errors show up at fsync."""
+    _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
 def pwrite_full(fd: int, data: bytes, offset: int, sync: bool) -> None:
     view = memoryview(data)
     done = 0
@@ -225,3 +240,5 @@ def pwrite_full(fd: int, data: bytes, offset: int, sync: bool) -> None:
         done += n
     if sync:
         os.fdatasync(fd)
+    elif done >= WRITEOUT_MIN:
+        start_writeout(fd, offset, done)
