@@ -153,16 +153,19 @@ class Volume:
 
     # ----- metadata ---------------------------------------------------------
 
-    async def _commit(self, change: Callable[[Superblock], None] | None = None,
+    async def _commit(self, change: Callable[[Superblock], object] | None = None,
                       clean: bool | None = None) -> None:
         """Apply `change` to the roster, bump events, persist on every online member.
 
         A member whose metadata write fails is failed in turn and the commit
-        repeated, so the survivors always agree.
+        repeated, so the survivors always agree. A change that returns False
+        changed nothing (say, a member another write already failed): then
+        nothing is written, but the caller has still waited for the commit in
+        progress, so what it relies on is durable when it returns.
         """
         async with self._meta_lock:
-            if change is not None:
-                change(self.sb)
+            if change is not None and change(self.sb) is False and clean is None:
+                return
             if clean is not None:
                 self.sb.clean = clean
             while True:
@@ -183,14 +186,26 @@ class Volume:
                 for x, e in errors.items():
                     self._mark_failed(x, e.reason)
 
+    def _failer(self, errors: dict[Member, MemberIOError]) -> Callable[[Superblock], bool]:
+        """A roster change failing every member in `errors`; True if any was new."""
+        def change(sb: Superblock) -> bool:
+            return any([self._mark_failed(x, e.reason) for x, e in errors.items()])
+        return change
+
     def _sb_for(self, x: Member) -> Superblock:
         """The volume's superblock as member x stores it (its identity, its seq)."""
         sb = self.sb.copy()
         sb.member_uuid, sb.slot, sb.seq = x.sb.member_uuid, x.sb.slot, x.sb.seq
         return sb
 
-    def _mark_failed(self, x: Member, reason: str) -> None:
-        """In-memory part of failing a member; the caller commits."""
+    def _mark_failed(self, x: Member, reason: str) -> bool:
+        """In-memory part of failing a member; the caller commits.
+
+        Idempotent: concurrent writes that all failed on one member fail it
+        once. Returns whether anything changed.
+        """
+        if x.state == m.FAILED:
+            return False
         was = self.state
         x.state = m.FAILED
         x.fail_reason = reason
@@ -201,6 +216,7 @@ class Volume:
         self.events.emit("member-failed", x.path, reason)
         if was == CLEAN and self.state != CLEAN:
             self.events.emit("degraded", x.path)
+        return True
 
     async def start(self) -> None:
         """Begin a mount: mark every online member dirty with the current roster."""
@@ -236,7 +252,7 @@ class Volume:
                 x.stats.note_error()
             first = next(iter(errors.values()))
             raise VolumeIOError(f"{what} failed on every member: {first}")
-        await self._commit(lambda sb: [self._mark_failed(x, e.reason) for x, e in errors.items()])
+        await self._commit(self._failer(errors))
 
     async def write(self, offset: int, data: bytes) -> int:
         if self.readonly:
@@ -313,9 +329,7 @@ class Volume:
                 log.warning("repaired %d bytes at %d on %s from %s", length, offset, x.path,
                             good.path)
         if errors:
-            await self._commit(lambda sb: [self._mark_failed(x, f"rewrite after read error "
-                                                             f"failed: {e.reason}")
-                                           for x, e in errors.items()])
+            await self._commit(self._failer(errors))
 
     # ----- operator actions -------------------------------------------------
 

@@ -88,3 +88,43 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(UsageError):
         parse_size(text)
+
+
+def test_concurrent_writes_failing_on_one_member_fail_it_once(tmp_path):
+    """Sixteen writes in flight at once all fail on member A: A is failed
+    once (one member-failed event, one event-counter bump), every write
+    succeeds, and B holds the data."""
+    import os
+
+    from raid1fs.assemble import assemble, close_all, read_members
+    from raid1fs.create import create_disk
+    from raid1fs.volume import Volume
+
+    paths = [str(tmp_path / "a.img"), str(tmp_path / "b.img")]
+    create_disk(paths, "t", 4 << 20, True, False)
+    found = read_members(paths)
+    vol = Volume(assemble(found))
+    a, b = vol.members
+    good_fd = a.fd
+
+    async def scenario() -> None:
+        await vol.start()
+        a.fd = os.open(paths[0], os.O_RDONLY)  # every write on A now fails (EBADF)
+        events_before = vol.sb.events
+        async with trio.open_nursery() as n:
+            for i in range(16):
+                n.start_soon(vol.write, i * 4096, bytes([i]) * 4096)
+        assert vol.sb.events == events_before + 1
+        a.fd = good_fd  # let shutdown reach A's superblock path untouched
+        await vol.shutdown()
+
+    try:
+        trio.run(scenario)
+        assert [e for e, _ in vol.events.history].count("member-failed") == 1
+        assert a.state == "failed" and b.state == "online"
+        with open(paths[1], "rb") as f:
+            for i in range(16):
+                f.seek(b.data_offset + i * 4096)
+                assert f.read(4096) == bytes([i]) * 4096
+    finally:
+        close_all(found)

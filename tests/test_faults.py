@@ -238,3 +238,4 @@ def test_reads_prefer_the_faster_member(env):
     slow, fast = after[str(a)] - before[str(a)], after[str(b)] - before[str(b)]
     assert fast > 10 * max(slow, 1), (slow, fast)
     faultfs("set", ffs, "ok")
+
