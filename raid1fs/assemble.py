@@ -195,5 +195,3 @@ def assemble(
         )
     return Plan(roster, found, missing)
 
-
-__all__ = ["Found", "Plan", "assemble", "read_members", "close_all", "FAILED", "MISSING"]

@@ -25,7 +25,6 @@ from raid1fs.superblock import (
     ACTIVE,
     BLOCK_SIZE,
     DATA_ALIGN,
-    SB_RESERVED,
     Layout,
     Slot,
     Superblock,
@@ -248,5 +247,3 @@ def _punch(fd: int, offset: int, length: int) -> None:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
-
-__all__ = ["create_disk", "holds_data", "SB_RESERVED"]

@@ -39,8 +39,10 @@ class EventSink:
             self.nursery.start_soon(self._run, env)
 
     async def _run(self, env: dict[str, str]) -> None:
+        command: str = self.command or ""
         try:
-            result = await trio.run_process(self.command, shell=True, env=env, check=False,
+            result = await trio.run_process(command, shell=True, env=env,  # type: ignore[arg-type]
+                                            check=False,
                                             stdin=b"", capture_stdout=False)
             if result.returncode:
                 log.warning("on-event command exited %d for %s", result.returncode,

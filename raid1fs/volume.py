@@ -31,15 +31,7 @@ from raid1fs.assemble import Plan
 from raid1fs.errors import MemberIOError, MemberTimeoutError, Raid1fsError, VolumeIOError
 from raid1fs.events import EventSink
 from raid1fs.member import Member, fanout, pwrite_full
-from raid1fs.superblock import (
-    ACTIVE,
-    FAILED,
-    MISSING,
-    REMOVED,
-    SPARE,
-    Superblock,
-    write_superblock,
-)
+from raid1fs.superblock import FAILED, MISSING, REMOVED, Superblock, write_superblock
 
 log = logging.getLogger("raid1fs.volume")
 
@@ -172,8 +164,12 @@ class Volume:
                 self.sb.events += 1
                 targets = self.writable()
                 copies = {x: self._sb_for(x) for x in targets}
-                _, errors = await fanout(targets, "metadata write",
-                                         lambda x, c=copies: (write_superblock, (x.fd, c[x])))
+
+                def call(x: Member, copies: dict[Member, Superblock] = copies
+                         ) -> tuple[Callable[..., object], tuple]:
+                    return write_superblock, (x.fd, copies[x])
+
+                _, errors = await fanout(targets, "metadata write", call)
                 for x in targets:
                     if x not in errors:
                         x.sb = copies[x]
@@ -294,7 +290,7 @@ class Volume:
             except MemberTimeoutError as e:
                 x.stats.read_errors += 1
                 if len(self.online()) > 1:
-                    await self._commit(lambda sb, x=x, e=e: self._mark_failed(x, e.reason))
+                    await self._commit(self._failer({x: e}))
                 else:
                     x.stats.note_error()
                 continue
@@ -403,6 +399,3 @@ class Volume:
             },
             "members": members,
         }
-
-
-__all__ = ["Volume", "read_balance", "RangeLock", "ACTIVE", "SPARE"]
