@@ -238,8 +238,17 @@ class Volume:
 
     async def _settle(self, targets: list[Member], errors: dict[Member, MemberIOError],
                       what: str) -> None:
-        """After a fan-out: fail the members that failed, unless none succeeded."""
+        """After a fan-out: fail the members that failed, unless none succeeded.
+
+        Also when nothing failed here, a commit in progress is waited for: the
+        targets may have left out a member that another write just failed,
+        whose failure is not yet durable; returning now, a crash could bring
+        that member back as in sync without this write.
+        """
         if not errors:
+            if self._meta_lock.locked():
+                async with self._meta_lock:
+                    pass
             return
         if len(errors) == len(targets):
             # The last members standing are not failed for an I/O error: the

@@ -128,3 +128,55 @@ def test_concurrent_writes_failing_on_one_member_fail_it_once(tmp_path):
                 assert f.read(4096) == bytes([i]) * 4096
     finally:
         close_all(found)
+
+
+def test_write_waits_for_a_failure_commit_in_progress(tmp_path, monkeypatch):
+    """Write 1 fails on member A; while A's failure is being written to B's
+    metadata, write 2 goes to B alone. Write 2 must not return before that
+    metadata is durable: a crash in between would bring A back as in sync
+    without write 2's data."""
+    import os
+    import time as _time
+
+    import raid1fs.volume as volume_mod
+    from raid1fs.assemble import assemble, close_all, read_members
+    from raid1fs.create import create_disk
+    from raid1fs.superblock import write_superblock
+    from raid1fs.volume import Volume
+
+    paths = [str(tmp_path / "a.img"), str(tmp_path / "b.img")]
+    create_disk(paths, "t", 4 << 20, True, False)
+    found = read_members(paths)
+    vol = Volume(assemble(found))
+    a = vol.members[0]
+    order: list[str] = []
+
+    def slow_write_superblock(fd, sb):
+        _time.sleep(0.3)
+        write_superblock(fd, sb)
+        order.append(f"metadata events={sb.events}")
+
+    async def scenario() -> None:
+        await vol.start()
+        good_fd = a.fd
+        a.fd = os.open(paths[0], os.O_RDONLY)  # writes on A fail (EBADF)
+        monkeypatch.setattr(volume_mod, "write_superblock", slow_write_superblock)
+
+        async def write2() -> None:
+            await trio.sleep(0.1)  # A is failed in memory, its commit under way
+            await vol.write(8192, b"2" * 4096)
+            order.append("write 2 returned")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(vol.write, 0, b"1" * 4096)
+            n.start_soon(write2)
+        a.fd = good_fd
+        monkeypatch.undo()
+        await vol.shutdown()
+
+    try:
+        trio.run(scenario)
+        # A's failure was durable on B before write 2 returned
+        assert order[0].startswith("metadata") and "write 2 returned" in order, order
+    finally:
+        close_all(found)
