@@ -52,10 +52,6 @@ class Plan:
     members: list[Found]
     missing: list[tuple[int, str]]  # (slot, last known path) of absent active members
 
-    @property
-    def degraded(self) -> bool:
-        return bool(self.missing) or any(f.state != m.ONLINE for f in self.members)
-
 
 def identity(path: str) -> tuple[object, ...]:
     """What makes two paths the same member: the inode, or the device."""

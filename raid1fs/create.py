@@ -3,9 +3,9 @@
 Every check (guarantee 9) runs before the first byte is written: a member of
 another volume, a member named twice, a missing parent directory, a directory
 given as a disk member, a member that holds data, one that is too small. Only
-then are image files created (sparse), data regions zeroed where a member was
-reused with --force (so every member starts with identical data), and both
-superblock copies written on every member.
+then are image files created (sparse), existing members zeroed (cheaply:
+punched holes, BLKZEROOUT) so every member starts with identical data, and
+both superblock copies written on every member.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ class Target:
     exists: bool
     is_block: bool = False
     size: int = 0
-    reused: bool = False  # held data or a volume, accepted with --force
 
 
 def holds_data(fd: int, is_block: bool) -> bool:
@@ -100,11 +99,8 @@ def _inspect(path: str, force: bool) -> Target:
                 what = "carries raid1fs metadata (damaged)"
             if not force:
                 raise BadMemberError(f"{path}: {what} (use --force to overwrite)")
-            t.reused = True
-        elif holds_data(fd, t.is_block):
-            if not force:
-                raise BadMemberError(f"{path}: holds data (use --force to overwrite)")
-            t.reused = True
+        elif holds_data(fd, t.is_block) and not force:
+            raise BadMemberError(f"{path}: holds data (use --force to overwrite)")
         return t
     finally:
         os.close(fd)
@@ -155,9 +151,10 @@ def create_disk(paths: list[str], name: str, size: int | None, checksums: bool,
     try:
         for slot, (t, fd) in enumerate(zip(targets, fds, strict=True)):
             if t.exists:
-                _zero(fd, t.is_block, 0, layout.data_offset)
-                if t.reused:
-                    _zero(fd, t.is_block, layout.data_offset, vsize)
+                # Metadata area and data region both: holds_data() looks at
+                # the first 64 MiB only, and every member must start with
+                # identical data whatever it held before.
+                _zero(fd, t.is_block, 0, layout.data_offset + vsize)
             sb = Superblock(
                 volume_uuid=volume_uuid, name=name, kind="disk", member_uuid=uuids[slot],
                 slot=slot, members_expected=len(targets), events=1, clean=True, size=vsize,

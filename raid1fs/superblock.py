@@ -146,6 +146,9 @@ class Superblock:
             raise ValueError(f"fields missing: {', '.join(sorted(missing))}")
         kw = {n: d[n] for n in names if n in d}
         kw["roster"] = [Slot(**s) for s in d.get("roster", [])]
+        bad = [s.state for s in kw["roster"] if s.state not in ROSTER_STATES]
+        if bad:
+            raise ValueError(f"unknown roster state {bad[0]!r}")
         return cls(**kw)
 
     def roster_entry(self, member_uuid: str) -> Slot | None:

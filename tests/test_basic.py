@@ -119,3 +119,18 @@ def test_block_device_members(env):
     raid1fs("umount", mnt)
     for dev in (a, b):
         assert data_region_hash(dev) == hashlib.sha256(payload).hexdigest()
+
+
+def test_existing_member_starts_identical_to_new_one(env):
+    """An existing image whose first 64 MiB are zeros passes the holds-data
+    check even with data further in; create must still zero it, so both
+    members' data regions are identical from the start."""
+    a = env.path("a.img")
+    with open(a, "wb") as f:
+        f.write(bytes(70 * MiB))  # allocated zeros: what holds_data() scans
+        f.seek(75 * MiB)
+        f.write(os.urandom(MiB))  # old data beyond the scan
+        f.truncate(91 * MiB)
+    b = env.path("b.img")
+    raid1fs("create", "--kind", "disk", "--size", "90M", a, b)
+    assert data_region_hash(a) == data_region_hash(b)
