@@ -13,9 +13,11 @@
                           metadata update is caught up when the mount starts)
         listed failed or missing -> stale: it missed writes, serves no reads
         listed spare   -> spare
+        listed rebuilding -> rebuilding: it resumes from its checkpoint
         not listed     -> refused: it was removed from the volume
     every slot the roster lists active but nobody brought is missing;
-        refuse unless --degraded
+        refuse unless --degraded (a rebuilding slot nobody brought is
+        missing too, but was not in sync anyway: no --degraded needed)
     refuse if no online member remains
 
 The same function serves `mount` (which then opens the volume) and the
@@ -30,7 +32,15 @@ from dataclasses import dataclass, field
 
 from raid1fs import member as m
 from raid1fs.errors import AssemblyError, BadMemberError, MetadataError, SplitBrainError
-from raid1fs.superblock import ACTIVE, FAILED, MISSING, SPARE, Superblock, read_superblock
+from raid1fs.superblock import (
+    ACTIVE,
+    FAILED,
+    MISSING,
+    REBUILDING,
+    SPARE,
+    Superblock,
+    read_superblock,
+)
 
 
 @dataclass
@@ -128,16 +138,23 @@ def _active_in(sb: Superblock, member_uuid: str) -> bool:
     return e is not None and e.state == ACTIVE
 
 
+def _gone_in(sb: Superblock, member_uuid: str) -> bool:
+    """Does this roster say the member went away (failed, missing, removed)?"""
+    e = sb.roster_entry(member_uuid)
+    return e is None or e.state in (FAILED, MISSING)
+
+
 def find_split_brain(found: list[Found]) -> list[tuple[Found, Found]]:
-    """Pairs of members that each think themselves active and the other not."""
+    """Pairs of members that each think themselves active and that the
+    other went away: each went on without the other."""
     pairs = []
     for i, a in enumerate(found):
         for b in found[i + 1 :]:
             if (
                 _active_in(a.sb, a.sb.member_uuid)
                 and _active_in(b.sb, b.sb.member_uuid)
-                and not _active_in(a.sb, b.sb.member_uuid)
-                and not _active_in(b.sb, a.sb.member_uuid)
+                and _gone_in(a.sb, b.sb.member_uuid)
+                and _gone_in(b.sb, a.sb.member_uuid)
             ):
                 pairs.append((a, b))
     return pairs
@@ -179,11 +196,14 @@ def assemble(
             f.state = m.STALE
         elif entry.state == SPARE:
             f.state = m.SPARE
+        elif entry.state == REBUILDING:
+            f.state = m.REBUILDING
     present = {f.sb.member_uuid for f in found}
     missing = [(i, s.path) for i, s in enumerate(roster.roster)
-               if s.state == ACTIVE and s.uuid not in present]
-    if strict and missing and not degraded:
-        names = ", ".join(p or f"slot {i}" for i, p in missing)
+               if s.state in (ACTIVE, REBUILDING) and s.uuid not in present]
+    needed = [(i, p) for i, p in missing if roster.roster[i].state == ACTIVE]
+    if strict and needed and not degraded:
+        names = ", ".join(p or f"slot {i}" for i, p in needed)
         raise AssemblyError(f"member missing: {names} (mount with --degraded to run without it)")
     if strict and not any(f.state == m.ONLINE for f in found):
         raise AssemblyError(

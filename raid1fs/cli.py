@@ -36,6 +36,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _rate(text: str) -> int:
+    """A rate in bytes per second; 0 or "unlimited" lifts the limit."""
+    if text.strip().lower() in ("0", "unlimited", "none"):
+        return 0
+    return _size(text)
+
+
 def _seconds(text: str) -> float:
     try:
         v = float(text)
@@ -70,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--degraded", action="store_true", help="mount even if a member is missing")
     m.add_argument("--prefer", metavar="MEMBER", help="the member that wins a split brain")
     m.add_argument("--io-timeout", type=_seconds, default=30.0, metavar="SECONDS")
-    m.add_argument("--max-rebuild-rate", type=_size, metavar="RATE")
+    m.add_argument("--max-rebuild-rate", type=_rate, metavar="RATE",
+                   help="bytes per second (K, M, G suffixes) a rebuild may copy; default unlimited")
     m.add_argument("--on-event", metavar="CMD")
     m.add_argument("-o", dest="options", type=_options, action="append", default=[],
                    metavar="OPT[,OPT...]")
@@ -101,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rb = sub.add_parser("rebuild", help="resilver every member that needs it")
     rb.add_argument("--wait", action="store_true")
-    rb.add_argument("--max-rate", type=_size, metavar="RATE")
+    rb.add_argument("--max-rate", type=_rate, metavar="RATE",
+                    help="bytes per second (K, M, G suffixes); 0 or unlimited lifts the limit")
     rb.add_argument("paths", nargs="+", metavar="MOUNTPOINT|MEMBER")
 
     sc = sub.add_parser("scrub", help="verify every copy, and repair with --repair")
@@ -212,14 +221,74 @@ def _member_arg(text: str) -> str:
     return os.path.abspath(text)
 
 
+def cmd_add(a: argparse.Namespace) -> int:
+    r = control.request(a.mountpoint, "add", member=os.path.abspath(a.member), spare=a.spare)
+    _print_join(r)
+    return 0
+
+
+def cmd_replace(a: argparse.Namespace) -> int:
+    r = control.request(a.mountpoint, "replace", old=_member_arg(a.old),
+                        new=os.path.abspath(a.new))
+    _print_join(r)
+    print(f"{a.old}: keeps serving until {r['path']} is in sync, then is removed")
+    return 0
+
+
+def _print_join(r: dict) -> None:
+    from raid1fs.sizes import format_size
+
+    if r["state"] == "spare":
+        print(f"{r['path']}: added as a spare (slot {r['slot']})")
+    else:
+        print(f"{r['path']}: {r['state']}, {r['kind']} of {format_size(r['total_bytes'])} "
+              f"(slot {r['slot']}); follow it with `raid1fs status` or `raid1fs rebuild --wait`")
+
+
+def cmd_rebuild(a: argparse.Namespace) -> int:
+    if len(a.paths) == 1 and _names_a_mount(a.paths[0]):
+        return _rebuild_online(a)
+    from raid1fs import offline  # the offline form always waits
+
+    return offline.run(a.paths, a.max_rate)
+
+
+def _rebuild_online(a: argparse.Namespace) -> int:
+    from raid1fs import progress
+
+    mp = a.paths[0]
+    started = control.request(mp, "rebuild", max_rate=a.max_rate)
+    for r in started:
+        print(f"{r['path']}: {r['kind']} of {r['total_bytes']} bytes")
+    st = control.request(mp, "status", timeout=30)
+    if not progress.rebuilding(st) and not started:
+        state = st["volume"]["state"]
+        print("nothing to rebuild: " + ("every member is in sync" if state == "clean"
+                                        else f"the volume is {state}"))
+    if not a.wait:
+        return 0
+    printer = progress.Printer()
+    try:
+        while progress.rebuilding(st):
+            printer.update(st)
+            time.sleep(0.5)
+            st = control.request(mp, "status", timeout=30)
+    finally:
+        printer.finish()
+    code, lines = progress.outcome(st)
+    for line in lines:
+        print(line)
+    return code
+
+
 def cmd_later(a: argparse.Namespace) -> int:
     raise Raid1fsError(f"{a.command}: not available in raid1fs {__version__} yet")
 
 
 COMMANDS = {
     "create": cmd_create, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
-    "fail": cmd_fail, "remove": cmd_remove, "add": cmd_later, "replace": cmd_later,
-    "rebuild": cmd_later, "scrub": cmd_later,
+    "fail": cmd_fail, "remove": cmd_remove, "add": cmd_add, "replace": cmd_replace,
+    "rebuild": cmd_rebuild, "scrub": cmd_later,
 }
 
 

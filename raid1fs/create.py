@@ -25,6 +25,8 @@ from raid1fs.superblock import (
     ACTIVE,
     BLOCK_SIZE,
     DATA_ALIGN,
+    SB_COPIES,
+    SB_SIZE,
     Layout,
     Slot,
     Superblock,
@@ -244,3 +246,63 @@ def _punch(fd: int, offset: int, length: int) -> None:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
+
+
+@dataclass
+class NewMember:
+    """A path opened to join a running volume (`add`, `replace`)."""
+
+    path: str
+    fd: int
+    created: bool  # a new sparse image: reads as zeros
+    old_sb: Superblock | None  # it carries metadata of this volume already
+
+
+def open_new_member(path: str, member_bytes: int, volume_uuid: str) -> NewMember:
+    """Check and open a member to add; every check before anything is written.
+
+    A new path becomes a sparse image file. An existing file or device must
+    be large enough and hold nothing: no data, no metadata of another volume
+    (there is no --force here: wipe it first). One that carries this
+    volume's metadata is accepted; the caller decides what it is.
+    """
+    path = os.path.abspath(path)
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        t = _inspect(path, force=False)  # parent checks
+        fd = _open_all([t], member_bytes)[0]
+        return NewMember(path, fd, True, None)
+    except OSError as e:
+        raise BadMemberError(f"{path}: cannot access: {e.strerror}") from None
+    fd = m.open_member(path, writable=True)
+    try:
+        size = m.device_size(fd)
+        if size < member_bytes:
+            raise BadMemberError(f"{path}: too small: {format_size(size)}, this volume needs "
+                                 f"{format_size(member_bytes)} ({member_bytes} bytes)")
+        old = None
+        if has_signature(fd):
+            try:
+                old, _ = read_superblock(fd, path)
+            except Exception:
+                raise BadMemberError(f"{path}: carries damaged raid1fs metadata "
+                                     "(wipe it first)") from None
+            if old.volume_uuid != volume_uuid:
+                raise BadMemberError(f"{path}: belongs to raid1fs volume "
+                                     f"{old.name or old.volume_uuid} (wipe it first)")
+        elif holds_data(fd, stat.S_ISBLK(os.fstat(fd).st_mode)):
+            raise BadMemberError(f"{path}: holds data (wipe it first; add never overwrites data)")
+        return NewMember(path, fd, False, old)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def init_member(fd: int, sb: Superblock) -> None:
+    """Give a joining member its superblock: both copies, after wiping any
+    older ones (whose sequence numbers could outrank the new)."""
+    os.pwrite(fd, bytes(SB_COPIES * SB_SIZE), 0)
+    sb.seq = 0
+    write_superblock(fd, sb)
+    write_superblock(fd, sb)

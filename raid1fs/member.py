@@ -125,6 +125,8 @@ class Member:
         self.stats = MemberStats()
         self.workers = Workers(os.path.basename(path))
         self.fail_reason = ""
+        self.rebuild: Any = None  # raid1fs.rebuild.Progress while rebuilding
+        self.last_rebuild: dict[str, Any] | None = None  # the outcome of the last one
 
     def __repr__(self) -> str:
         return f"<Member slot={self.sb.slot} {self.path} {self.state}>"

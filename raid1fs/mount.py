@@ -152,7 +152,7 @@ def set_readahead(mountpoint: str) -> None:
 async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe) -> None:
     events = EventSink(plan.authority.volume_uuid, mountpoint, req.on_event)
     volume = Volume(plan, io_timeout=req.io_timeout, sync=req.sync, readonly=req.readonly,
-                    events=events)
+                    events=events, max_rebuild_rate=req.max_rebuild_rate)
     ops = DiskOperations(volume, os.getuid(), os.getgid())
 
     async def h_status(_: dict) -> dict:
@@ -167,12 +167,23 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
     async def h_remove(r: dict) -> str:
         return await volume.remove(r["member"])
 
-    server = control.ControlServer(control.socket_path(mountpoint),
-                                   {"status": h_status, "fail": h_fail, "remove": h_remove},
+    async def h_add(r: dict) -> dict:
+        return await volume.add(r["member"], spare=bool(r.get("spare")))
+
+    async def h_replace(r: dict) -> dict:
+        return await volume.replace(r["old"], r["new"])
+
+    async def h_rebuild(r: dict) -> list:
+        return await volume.rebuild_all(r.get("max_rate"))
+
+    handlers: dict[str, control.Handler] = {
+        "status": h_status, "fail": h_fail, "remove": h_remove, "add": h_add,
+        "replace": h_replace, "rebuild": h_rebuild}
+    server = control.ControlServer(control.socket_path(mountpoint), handlers,
                                    owner_uid=os.getuid(), mountpoint=mountpoint)
     async with trio.open_nursery() as nursery:
         events.nursery = nursery
-        await volume.start()
+        await volume.start(nursery)
         try:
             pyfuse3.init(ops, mountpoint, fuse_options(req, plan.authority.name))
         except RuntimeError as e:

@@ -53,8 +53,10 @@ ACTIVE = "active"  # an in-sync member of the volume
 FAILED = "failed"  # was failed while mounted: stale until rebuilt
 MISSING = "missing"  # was absent at a degraded mount: stale until rebuilt
 SPARE = "spare"  # a hot spare
+REBUILDING = "rebuilding"  # being rebuilt; rebuild_pos is its checkpoint
 REMOVED = "removed"  # an empty slot: its member was removed
-ROSTER_STATES = (ACTIVE, FAILED, MISSING, SPARE, REMOVED)
+ROSTER_STATES = (ACTIVE, FAILED, MISSING, SPARE, REBUILDING, REMOVED)
+ABSENT_STATES = (FAILED, MISSING)  # slots that miss writes
 
 
 def align_up(n: int, a: int) -> int:
@@ -99,6 +101,11 @@ class Slot:
     uuid: str
     state: str
     path: str = ""
+    # For a rebuilding slot: every region below rebuild_pos (bytes) that
+    # needed copying has been copied; rebuild_full: all of it needs copying
+    # (its history is unknown), else only the regions the bitmaps name.
+    rebuild_pos: int = 0
+    rebuild_full: bool = False
 
 
 @dataclass
@@ -123,6 +130,10 @@ class Superblock:
     checksums: bool
     created: float
     roster: list[Slot] = field(default_factory=list)
+    # The event counter when the missed-writes bitmap was last emptied: it
+    # names every region written since, while any member was away. A member
+    # whose own counter is older needs a full rebuild.
+    missed_since: int = 0
     format: int = FORMAT
     seq: int = 0  # not part of the JSON: lives in the header
 
@@ -141,7 +152,8 @@ class Superblock:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Superblock:
         names = {f.name for f in dataclasses.fields(cls)} - {"seq", "roster"}
-        missing = [n for n in names if n not in d and n != "format"]
+        optional = {"format", "missed_since"}
+        missing = [n for n in names if n not in d and n not in optional]
         if missing:
             raise ValueError(f"fields missing: {', '.join(sorted(missing))}")
         kw = {n: d[n] for n in names if n in d}
@@ -190,6 +202,13 @@ class Superblock:
             raise ValueError(f"unreadable metadata: {e}") from None
         sb.seq = seq
         return sb
+
+
+def read_bitmaps(fd: int, sb: Superblock) -> tuple[bytes, bytes]:
+    """The write-intent and missed-writes bitmaps of a disk member, raw."""
+    raw = os.pread(fd, 2 * sb.bitmap_bytes, sb.bitmap_offset)
+    raw = raw.ljust(2 * sb.bitmap_bytes, b"\0")
+    return raw[: sb.bitmap_bytes], raw[sb.bitmap_bytes :]
 
 
 def has_signature(fd: int, base: int = 0) -> bool:

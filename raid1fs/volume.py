@@ -20,25 +20,42 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
+from raid1fs import assemble, create
 from raid1fs import member as m
 from raid1fs.assemble import Plan
+from raid1fs.bitmap import Bitmap
 from raid1fs.errors import MemberIOError, MemberTimeoutError, Raid1fsError, VolumeIOError
 from raid1fs.events import EventSink
 from raid1fs.member import Member, fanout, pwrite_full
-from raid1fs.superblock import FAILED, MISSING, REMOVED, Superblock, write_superblock
+from raid1fs.rebuild import CHECKPOINT_EVERY, CHUNK, Progress, Throttle, write_chunk
+from raid1fs.regions import RegionLog, write_spans
+from raid1fs.superblock import (
+    ABSENT_STATES,
+    ACTIVE,
+    FAILED,
+    MISSING,
+    REBUILDING,
+    REMOVED,
+    SPARE,
+    Slot,
+    Superblock,
+    read_bitmaps,
+    write_superblock,
+)
 
 log = logging.getLogger("raid1fs.volume")
 
 # Volume states.
 CLEAN = "clean"
 DEGRADED = "degraded"
-REBUILDING = "rebuilding"
+# REBUILDING ("rebuilding") is the roster state of the same name
 VFAILED = "failed"
 
 STREAM_WINDOW = 4 << 20  # reads this close to the last one belong to its stream
@@ -104,7 +121,8 @@ class Volume:
     """A running volume: its members, its metadata and its I/O."""
 
     def __init__(self, plan: Plan, io_timeout: float = 30.0, sync: bool = False,
-                 readonly: bool = False, events: EventSink | None = None) -> None:
+                 readonly: bool = False, events: EventSink | None = None,
+                 max_rebuild_rate: int | None = None) -> None:
         self.sb: Superblock = plan.authority.copy()  # the roster as the volume sees it
         self.size = self.sb.size
         self.io_timeout = io_timeout
@@ -114,7 +132,12 @@ class Volume:
         self.members = [Member(f.path, f.fd, f.sb, io_timeout, f.state) for f in plan.members]
         self.missing = list(plan.missing)
         self._meta_lock = trio.Lock()
+        self._admin_lock = trio.Lock()  # add, replace, spare takeover: one at a time
         self._ranges = RangeLock()
+        self.regions = RegionLog(self.sb)
+        self.throttle = Throttle(max_rebuild_rate)
+        self._nursery: trio.Nursery | None = None
+        self._stopping = False
         self.mounted = False
 
     # ----- states -----------------------------------------------------------
@@ -124,6 +147,24 @@ class Volume:
 
     def writable(self) -> list[Member]:
         return [x for x in self.members if x.state in (m.ONLINE, m.REBUILDING)]
+
+    def readers(self, offset: int, length: int) -> list[Member]:
+        """Members that may serve a read of this range: the in-sync ones, and
+        rebuilding ones that already hold it (guarantee 2)."""
+        out = self.online()
+        r0, r1 = self.regions.span(offset, length)
+        for x in self.members:
+            if x.state == m.REBUILDING and x.rebuild is not None and x.rebuild.holds(r0, r1):
+                out.append(x)
+        return out
+
+    def _recording(self) -> bool:
+        """Are writes recorded in the missed-writes bitmap (someone is away)?"""
+        return any(s.state in (*ABSENT_STATES, REBUILDING) for s in self.sb.roster)
+
+    def _filled(self) -> int:
+        """Slots that hold, or are being given, the volume's data."""
+        return sum(1 for s in self.sb.roster if s.state in (ACTIVE, REBUILDING))
 
     @property
     def state(self) -> str:
@@ -162,7 +203,7 @@ class Volume:
                 self.sb.clean = clean
             while True:
                 self.sb.events += 1
-                targets = self.writable()
+                targets = [x for x in self.members if x.state in (m.ONLINE, m.REBUILDING, m.SPARE)]
                 copies = {x: self._sb_for(x) for x in targets}
 
                 def call(x: Member, copies: dict[Member, Superblock] = copies
@@ -203,36 +244,161 @@ class Volume:
         if x.state == m.FAILED:
             return False
         was = self.state
+        rebuilding = x.state == m.REBUILDING
         x.state = m.FAILED
         x.fail_reason = reason
         entry = self.sb.roster_entry(x.uuid)
         if entry is not None:
-            entry.state = FAILED
+            if entry.state == SPARE:
+                entry.state = REMOVED  # a spare that failed is not waited for
+                entry.uuid = ""
+            else:
+                entry.state = FAILED
+                entry.rebuild_full = entry.rebuild_full or (
+                    rebuilding and x.rebuild is not None and x.rebuild.full)
+        # Whatever was in flight may have missed it (rules 10 and 11).
+        self.regions.record_in_flight()
         log.error("member %s failed: %s", x.path, reason)
         self.events.emit("member-failed", x.path, reason)
         if was == CLEAN and self.state != CLEAN:
             self.events.emit("degraded", x.path)
+        if self._nursery is not None and any(y.state == m.SPARE for y in self.members):
+            self._nursery.start_soon(self._take_spares)
         return True
 
-    async def start(self) -> None:
-        """Begin a mount: mark every online member dirty with the current roster."""
+    async def start(self, nursery: trio.Nursery | None = None) -> None:
+        """Begin a mount: work out who needs rebuilding, mark every member
+        dirty with the current roster, start the background work.
+
+        Background tasks (rebuilds, clearing intent bits, spare takeover) run
+        in `nursery`; without one (tests of the engine) they do not run.
+        """
+        self._nursery = nursery
         for slot, path in self.missing:
             self.sb.roster[slot].state = MISSING
             log.warning("member missing: %s (slot %d)", path or "?", slot)
         if not self.readonly:
+            await self._plan_rebuilds()
+            await self._flush_regions()
             await self._commit(clean=False)
         self.mounted = True
         if self.state != CLEAN:
             self.events.emit("degraded", "", f"volume starts {self.state}")
+        if nursery is not None and not self.readonly:
+            for x in self.members:
+                if x.state == m.REBUILDING:
+                    self._spawn_rebuild(x)
+            nursery.start_soon(self._clear_intent_loop)
+            nursery.start_soon(self._take_spares)
+
+    async def _plan_rebuilds(self) -> None:
+        """Decide at mount what each member must be sent (guarantees 5 and 6).
+
+        - after a crash (a member not marked clean) every region whose intent
+          bit is set on any member may differ between the members: the others
+          are resynced from one in-sync member (the source) over those regions
+          before they serve them;
+        - a rebuilding member resumes from its checkpoint (plus the crash's
+          regions, which may lie below it);
+        - a stale member is resynced over the regions the missed-writes
+          bitmaps name, when its history is known (its event counter is not
+          older than the bitmap), else rebuilt in full; stale members are
+          only taken up to the volume's member count.
+        """
+        rl = self.regions
+        intent = Bitmap(rl.nregions, rl.nbytes)
+        missed = Bitmap(rl.nregions, rl.nbytes)
+        for x in self.members:
+            if x.state == m.SPARE:
+                continue
+            try:
+                i_raw, m_raw = await x._run("bitmap read", read_bitmaps, x.fd, x.sb)
+            except MemberIOError as e:
+                self._mark_failed(x, e.reason)
+                continue
+            intent |= Bitmap(rl.nregions, rl.nbytes, i_raw)
+            missed |= Bitmap(rl.nregions, rl.nbytes, m_raw)
+        unclean = any(not x.sb.clean for x in self.members
+                      if x.state in (m.ONLINE, m.REBUILDING))
+        crash = intent if unclean else Bitmap(rl.nregions, rl.nbytes)
+        if unclean and crash:
+            log.warning("unclean shutdown: %s in %d regions may differ between members",
+                        _mib(rl.bytes_of(crash)), crash.count())
+        rl.adopt_intent(crash, time.monotonic())
+        rl.missed |= missed
+        rl.missed |= crash  # kept until every member holds those regions
+        rl.touch_all()
+        source = self._source()
+        for x in self.members:
+            entry = self.sb.roster_entry(x.uuid)
+            assert entry is not None
+            if x.state == m.ONLINE and x is not source and crash:
+                self._set_rebuilding(x, entry, crash.copy(), full=False)
+            elif x.state == m.REBUILDING:
+                pending = Bitmap.full(rl.nregions, rl.nbytes) if entry.rebuild_full \
+                    else rl.missed.copy()
+                pending.clear_range(0, entry.rebuild_pos // rl.region)
+                pending |= crash
+                self._set_rebuilding(x, entry, pending, full=entry.rebuild_full)
+        for x in self.members:
+            entry = self.sb.roster_entry(x.uuid)
+            if x.state == m.STALE and entry is not None and self._filled() < \
+                    self.sb.members_expected:
+                self._set_rebuilding(x, entry, *self._resync_set(x, entry))
+
+    def _source(self) -> Member | None:
+        """The in-sync member others are resynced from after a crash."""
+        online = self.online()
+        for x in online:
+            if x.sb.member_uuid == self.sb.member_uuid:
+                return x  # the authority, or the member --prefer named
+        return online[0] if online else None
+
+    def _resync_set(self, x: Member, entry: Slot) -> tuple[Bitmap, bool]:
+        """What a member that was away needs: (regions, full?)."""
+        rl = self.regions
+        if entry.rebuild_full or x.sb.events < self.sb.missed_since:
+            return Bitmap.full(rl.nregions, rl.nbytes), True
+        # Every write since it left is named there: those in flight when it
+        # left (rule 11), later ones as they began, and after a crash the
+        # intent bits (merged at mount).
+        return rl.missed.copy(), False
+
+    def _set_rebuilding(self, x: Member, entry: Slot, pending: Bitmap, full: bool,
+                        replaces: str = "", zeroed: bool = False) -> None:
+        """In memory: x receives every write from now on and is sent `pending`."""
+        rl = self.regions
+        x.state = m.REBUILDING
+        x.fail_reason = ""
+        x.rebuild = Progress(pending, full, rl.bytes_of(pending), rl.region, rl.size,
+                             replaces=replaces, zeroed=zeroed)
+        entry.state = REBUILDING
+        entry.rebuild_full = full
+        entry.rebuild_pos = x.rebuild.position()
+        rl.touch_all()  # its bitmaps become the volume's
+        log.warning("member %s: %s of %s", x.path, "full rebuild" if full else "resync",
+                    _mib(x.rebuild.total_bytes))
 
     async def shutdown(self) -> None:
-        """End a mount: make data durable and mark every online member clean."""
+        """End a mount: stop rebuilds at a checkpoint, make data durable,
+        clear the intent bitmap and mark every member clean."""
+        self._stopping = True
+        await self._stop_rebuilds()
         if self.readonly or not self.writable():
             self.mounted = False
             return
         await self.fsync(datasync=False)
-        await self._commit(clean=True)
+        self.regions.clear_intent()
+        await self._flush_regions()
+        await self._commit(self._checkpoint_all, clean=True)
         self.mounted = False
+
+    def _checkpoint_all(self, sb: Superblock) -> None:
+        for x in self.members:
+            if x.state == m.REBUILDING and x.rebuild is not None:
+                entry = sb.roster_entry(x.uuid)
+                if entry is not None:
+                    entry.rebuild_pos = x.rebuild.position()
 
     # ----- I/O --------------------------------------------------------------
 
@@ -250,18 +416,28 @@ class Volume:
                 async with self._meta_lock:
                     pass
             return
-        if len(errors) == len(targets):
-            # The last members standing are not failed for an I/O error: the
+        online = [x for x in targets if x.state == m.ONLINE]
+        if all(x in errors for x in online):
+            # The last in-sync members are not failed for an I/O error: the
             # caller gets it, and the volume keeps what it has.
             for x in errors:
                 x.stats.note_error()
             first = next(iter(errors.values()))
-            raise VolumeIOError(f"{what} failed on every member: {first}")
+            raise VolumeIOError(f"{what} failed on every in-sync member: {first}")
         await self._commit(self._failer(errors))
 
     async def write(self, offset: int, data: bytes) -> int:
         if self.readonly:
             raise OSError(errno.EROFS, "read-only mount")
+        regions, need = self.regions.begin(offset, len(data), self._recording())
+        try:
+            if need:
+                await self._flush_regions()
+            return await self._write(offset, data)
+        finally:
+            self.regions.end(regions, time.monotonic())
+
+    async def _write(self, offset: int, data: bytes) -> int:
         lock = await self._ranges.acquire(offset, offset + len(data))
         try:
             targets = self.writable()
@@ -291,14 +467,14 @@ class Volume:
 
     async def read(self, offset: int, length: int) -> bytes:
         bad: list[Member] = []
-        for x in read_balance(self.online(), offset):
-            if x.state != m.ONLINE:
+        for x in read_balance(self.readers(offset, length), offset):
+            if x.state not in (m.ONLINE, m.REBUILDING):
                 continue  # failed while we were trying others
             try:
                 data = await x.pread(offset, length)
             except MemberTimeoutError as e:
                 x.stats.read_errors += 1
-                if len(self.online()) > 1:
+                if x.state == m.REBUILDING or len(self.online()) > 1:
                     await self._commit(self._failer({x: e}))
                 else:
                     x.stats.note_error()
@@ -324,7 +500,7 @@ class Volume:
                 data = await good.pread(offset, length)
             except MemberIOError:
                 return
-            targets = [x for x in bad if x.state == m.ONLINE]
+            targets = [x for x in bad if x.state in (m.ONLINE, m.REBUILDING)]
             _, errors = await fanout(targets, "rewrite", lambda x: (
                 pwrite_full, (x.fd, data, x.data_offset + offset, True)))
         finally:
@@ -335,6 +511,210 @@ class Volume:
                             good.path)
         if errors:
             await self._commit(self._failer(errors))
+
+    # ----- the bitmaps (raid1fs.regions) ----------------------------------
+
+    async def _flush_regions(self) -> None:
+        """Make every bitmap bit set so far durable on every writable member."""
+        rl = self.regions
+        want = rl.gen
+        async with rl.lock:
+            if rl.synced >= want:
+                return
+            gen = rl.gen
+            spans = rl.take_dirty()
+            targets = self.writable()
+            if spans and targets:
+                _, errors = await fanout(targets, "bitmap write",
+                                         lambda x: (write_spans, (x.fd, spans)))
+                try:
+                    await self._settle(targets, errors, "bitmap write")
+                except BaseException:
+                    rl.touch_all()  # written nowhere for sure: write it all next time
+                    raise
+            rl.synced = gen
+
+    async def _clear_intent_loop(self) -> None:
+        """Clear intent bits of groups that went quiet, once their data is
+        durable everywhere (rule 10)."""
+        rl = self.regions
+        while True:
+            await trio.sleep(1.0)
+            idle = rl.idle_groups(time.monotonic())
+            if not idle or self._stopping:
+                continue
+            try:
+                await self.fsync(datasync=True)
+                if rl.clear_groups(idle):
+                    await self._flush_regions()
+            except Raid1fsError as e:
+                log.error("clearing write-intent bits: %s", e)
+
+    async def _maybe_clear_missed(self) -> None:
+        """Empty the missed-writes bitmap once nobody is away or behind.
+
+        The new `missed_since` is committed first: a crash in between leaves
+        extra bits (more copying later), never too few."""
+        if self._recording() or not self.regions.missed or self.readonly:
+            return
+
+        def since(sb: Superblock) -> None:
+            sb.missed_since = sb.events + 1  # the commit's own event number
+        await self._commit(since)
+        if not self._recording():
+            self.regions.clear_missed()
+            await self._flush_regions()
+
+    # ----- rebuild ----------------------------------------------------------
+
+    def _spawn_rebuild(self, x: Member) -> None:
+        if self._nursery is None or x.rebuild is None or x.rebuild.running or self._stopping:
+            return
+        x.rebuild.running = True
+        x.rebuild.error = ""
+        x.rebuild.finished = trio.Event()
+        self._nursery.start_soon(self._rebuild, x)
+
+    async def _stop_rebuilds(self) -> None:
+        for x in self.members:
+            p = x.rebuild
+            if p is not None and p.running and p.cancel is not None:
+                p.cancel.cancel()
+        for x in self.members:
+            p = x.rebuild
+            if p is not None and p.running:
+                await p.finished.wait()
+
+    async def _rebuild(self, x: Member) -> None:
+        """Copy the regions x lacks from in-sync members (guarantee 8).
+
+        Each chunk is copied under the range lock, so a foreground write to
+        it waits and then reaches x too: x never ends up with older data.
+        Writes elsewhere reach x all along. The position is checkpointed in
+        the metadata every CHECKPOINT_EVERY seconds.
+        """
+        p: Progress = x.rebuild
+        p.cancel = trio.CancelScope()
+        self.events.emit("rebuild-started", x.path,
+                         f"{'full rebuild' if p.full else 'resync'} of {_mib(p.total_bytes)}")
+        rl = self.regions
+        last_checkpoint = time.monotonic()
+        try:
+            with p.cancel:
+                for r0, r1 in list(p.pending.runs(0, max(1, CHUNK // rl.region))):
+                    if x.state != m.REBUILDING:
+                        return
+                    lo, hi = rl.region_bytes(r0, r1)
+                    await self.throttle.take(hi - lo)
+                    with trio.CancelScope(shield=True):
+                        ok = await self._copy(x, lo, hi)
+                    if not ok:
+                        return
+                    p.pending.clear_range(r0, r1)
+                    p.done_bytes += hi - lo
+                    if time.monotonic() - last_checkpoint >= CHECKPOINT_EVERY:
+                        last_checkpoint = time.monotonic()
+                        await self._commit(self._checkpoint_all)
+            if p.cancel.cancelled_caught or x.state != m.REBUILDING:
+                return
+            with trio.CancelScope(shield=True):
+                await self._finish_rebuild(x)
+        finally:
+            p.running = False
+            p.finished.set()
+
+    async def _copy(self, x: Member, lo: int, hi: int) -> bool:
+        """Copy volume bytes [lo, hi) to x; False if the rebuild must stop."""
+        p: Progress = x.rebuild
+        lock = await self._ranges.acquire(lo, hi)
+        try:
+            data = None
+            for src in read_balance(self.online(), lo):
+                try:
+                    data = await src.pread(lo, hi - lo)
+                    break
+                except MemberIOError as e:
+                    src.stats.read_errors += 1
+                    src.stats.note_error()
+                    p.error = f"cannot read {src.path} at {lo}: {e.reason}"
+            if data is None:
+                p.error = p.error or "no in-sync member to copy from"
+                log.error("rebuild of %s stopped: %s", x.path, p.error)
+                return False
+            if x.state != m.REBUILDING:
+                return False
+            try:
+                await x._run("rebuild write", write_chunk, x.fd, data, x.data_offset + lo,
+                             p.zeroed)
+            except MemberIOError as e:
+                x.stats.write_errors += 1
+                await self._commit(self._failer({x: e}))
+                return False
+            x.stats.writes += 1
+            return True
+        finally:
+            self._ranges.release(lock)
+
+    async def _finish_rebuild(self, x: Member) -> None:
+        p: Progress = x.rebuild
+        try:
+            await x._run("fsync", os.fdatasync, x.fd)
+        except MemberIOError as e:
+            await self._commit(self._failer({x: e}))
+            return
+        old = None
+        if p.replaces:
+            old = next((y for y in self.members if y.uuid == p.replaces and y is not x), None)
+
+        def done(sb: Superblock) -> None:
+            entry = sb.roster_entry(x.uuid)
+            if entry is not None:
+                entry.state, entry.rebuild_pos, entry.rebuild_full = ACTIVE, 0, False
+            x.state = m.ONLINE
+            if p.replaces:
+                gone = sb.roster_entry(p.replaces)
+                if gone is not None:
+                    gone.state, gone.uuid = REMOVED, ""
+                if old is not None:
+                    old.state = m.FAILED  # no more I/O to it; dropped below
+                self.missing[:] = [(s, h) for s, h in self.missing
+                                   if sb.roster[s].state != REMOVED]
+        await self._commit(done)
+        elapsed = time.monotonic() - p.started
+        x.last_rebuild = {"kind": "full" if p.full else "resync", "copied_bytes": p.done_bytes,
+                          "seconds": round(elapsed, 2), "finished": time.time()}
+        x.rebuild = None
+        if old is not None:
+            self.members.remove(old)
+            log.warning("member %s replaced by %s", old.path, x.path)
+        log.warning("member %s in sync: %s copied in %.1f s", x.path, _mib(p.done_bytes), elapsed)
+        self.events.emit("rebuild-finished", x.path,
+                         f"{_mib(p.done_bytes)} in {elapsed:.1f} s")
+        self.events.emit("member-online", x.path)
+        await self._maybe_clear_missed()
+
+    async def _take_spares(self) -> None:
+        """A spare takes over while the volume has fewer members than it should."""
+        async with self._admin_lock:
+            for x in list(self.members):
+                if self._stopping or self._filled() >= self.sb.members_expected:
+                    return
+                if x.state != m.SPARE:
+                    continue
+                entry = self.sb.roster_entry(x.uuid)
+                if entry is None:
+                    continue
+                log.warning("spare %s takes over", x.path)
+                await self._begin_rebuild(x, entry, Bitmap.full(self.regions.nregions,
+                                                                self.regions.nbytes), True)
+
+    async def _begin_rebuild(self, x: Member, entry: Slot, pending: Bitmap, full: bool,
+                             replaces: str = "", zeroed: bool = False) -> None:
+        """Make x a rebuilding member, durably, and start copying."""
+        self._set_rebuilding(x, entry, pending, full, replaces, zeroed)
+        await self._flush_regions()  # x gets the bitmaps before the roster names it
+        await self._commit()
+        self._spawn_rebuild(x)
 
     # ----- operator actions -------------------------------------------------
 
@@ -357,6 +737,7 @@ class Volume:
                     sb.roster[slot].uuid = ""
                 await self._commit(drop)
                 self.missing.remove((slot, hint))
+                await self._maybe_clear_missed()
                 return hint
         x = self.find_member(path)
         if x.state in (m.ONLINE, m.REBUILDING):
@@ -371,9 +752,163 @@ class Volume:
         # Its fd stays open until exit: an abandoned thread may still use it.
         self.members.remove(x)
         log.warning("member %s removed", x.path)
+        await self._maybe_clear_missed()
         return x.path
 
+    async def add(self, path: str, spare: bool = False) -> dict[str, Any]:
+        """Add a member: rebuilt online, or a spare (`raid1fs add`).
+
+        A failed or stale member of this volume is re-added: it is sent only
+        what it missed when that is known (guarantee 6)."""
+        return await self._join(path, spare=spare)
+
+    async def replace(self, old: str, new: str) -> dict[str, Any]:
+        """Rebuild `new` online; `old` keeps serving until then, then is removed."""
+        p = os.path.abspath(old)
+        uuid = ""
+        for slot, hint in self.missing:
+            if hint == p or self.sb.roster[slot].uuid == old:
+                uuid = self.sb.roster[slot].uuid
+        if not uuid:
+            x = self.find_member(old)
+            if x.state == m.REBUILDING and x.rebuild is not None and x.rebuild.replaces:
+                raise Raid1fsError(f"{x.path}: is itself replacing another member")
+            uuid = x.uuid
+        if any(y.rebuild is not None and y.rebuild.replaces == uuid for y in self.members):
+            raise Raid1fsError(f"{old}: already being replaced")
+        return await self._join(new, replaces=uuid)
+
+    async def _join(self, path: str, spare: bool = False, replaces: str = "") -> dict[str, Any]:
+        if self.readonly:
+            raise Raid1fsError(f"{path}: the volume is mounted read-only")
+        p = os.path.abspath(path)
+        async with self._admin_lock:
+            existing = await trio.to_thread.run_sync(self._member_at, p)
+            if existing is not None:
+                if replaces:
+                    raise Raid1fsError(f"{path}: already a member of this volume "
+                                       f"({existing.state})")
+                return await self._readd(existing, spare)
+            nm = await trio.to_thread.run_sync(
+                create.open_new_member, p, self.sb.data_offset + self.size, self.sb.volume_uuid)
+            try:
+                if nm.old_sb is not None and not replaces:
+                    entry = self.sb.roster_entry(nm.old_sb.member_uuid)
+                    if entry is not None and entry.state in (*ABSENT_STATES, REBUILDING):
+                        # A member that was missing is back: re-add it.
+                        x = Member(p, nm.fd, nm.old_sb, self.io_timeout, m.STALE)
+                        self.members.append(x)
+                        self.missing[:] = [(sl, h) for sl, h in self.missing
+                                           if self.sb.roster[sl].uuid != x.uuid]
+                        return await self._readd(x, spare)
+                return await self._add_new(nm, spare, replaces)
+            except BaseException:
+                if not any(y.fd == nm.fd for y in self.members):
+                    os.close(nm.fd)
+                raise
+
+    def _member_at(self, path: str) -> Member | None:
+        """The member this path names (under any name), if any."""
+        try:
+            ident = assemble.identity(path)
+        except OSError:
+            return None
+        for x in self.members:
+            st = os.fstat(x.fd)
+            mine = ("dev", st.st_rdev) if stat.S_ISBLK(st.st_mode) else \
+                ("ino", st.st_dev, st.st_ino)
+            if mine == ident:
+                return x
+        return None
+
+    async def _readd(self, x: Member, spare: bool) -> dict[str, Any]:
+        if x.state not in (m.FAILED, m.STALE):
+            raise Raid1fsError(f"{x.path}: already a member of this volume ({x.state})")
+        if spare:
+            raise Raid1fsError(f"{x.path}: is a {x.state} member of this volume; "
+                               "add it without --spare to re-add it")
+        entry = self.sb.roster_entry(x.uuid)
+        if entry is None:
+            raise Raid1fsError(f"{x.path}: no longer a member of this volume")
+        pending, full = self._resync_set(x, entry)
+        await self._begin_rebuild(x, entry, pending, full)
+        return self._describe(x)
+
+    async def _add_new(self, nm: create.NewMember, spare: bool, replaces: str) -> dict[str, Any]:
+        slots = self.sb.roster
+        slot = next((i for i, e in enumerate(slots) if e.state == REMOVED), len(slots))
+        sb = self._sb_for_new(slot)
+        await trio.to_thread.run_sync(create.init_member, nm.fd, sb)
+        x = Member(nm.path, nm.fd, sb, self.io_timeout, m.SPARE)
+        entry = Slot(sb.member_uuid, SPARE if spare else REBUILDING, nm.path)
+        if not spare and not replaces and self._filled() >= self.sb.members_expected:
+            self.sb.members_expected = self._filled() + 1  # a mirror grows by one
+        if slot < len(slots):
+            slots[slot] = entry
+        else:
+            slots.append(entry)
+        self.members.append(x)
+        if spare:
+            await self._commit()
+            log.warning("member %s added as a spare", x.path)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._take_spares)
+        else:
+            rl = self.regions
+            await self._begin_rebuild(x, entry, Bitmap.full(rl.nregions, rl.nbytes), True,
+                                      replaces=replaces, zeroed=nm.created)
+        return self._describe(x)
+
+    def _sb_for_new(self, slot: int) -> Superblock:
+        sb = self.sb.copy()
+        sb.member_uuid, sb.slot, sb.seq = Superblock.new_uuid(), slot, 0
+        return sb
+
+    def _describe(self, x: Member) -> dict[str, Any]:
+        p = x.rebuild
+        return {"path": x.path, "state": x.state, "slot": x.slot,
+                "kind": None if p is None else ("full" if p.full else "resync"),
+                "total_bytes": None if p is None else p.total_bytes}
+
+    async def rebuild_all(self, max_rate: int | None = None) -> list[dict[str, Any]]:
+        """Resilver every member that needs it (`raid1fs rebuild`): resume
+        stopped rebuilds and take up stale members. Failed members are not
+        touched: re-add them with `add`."""
+        if max_rate is not None:
+            self.throttle.set(max_rate)
+        if self.readonly:
+            raise Raid1fsError("the volume is mounted read-only")
+        out = []
+        async with self._admin_lock:
+            for x in list(self.members):
+                entry = self.sb.roster_entry(x.uuid)
+                if x.state == m.STALE and entry is not None:
+                    pending, full = self._resync_set(x, entry)
+                    await self._begin_rebuild(x, entry, pending, full)
+                elif x.state == m.REBUILDING:
+                    self._spawn_rebuild(x)
+                else:
+                    continue
+                out.append(self._describe(x))
+        return out
+
+    def set_rebuild_rate(self, rate: int | None) -> None:
+        self.throttle.set(rate)
+
     # ----- reporting --------------------------------------------------------
+
+    def _rebuild_status(self, x: Member) -> dict[str, Any] | None:
+        if x.rebuild is not None:
+            return x.rebuild.as_status()
+        if x.state != m.REBUILDING:
+            return None
+        # Offline: only the checkpoint in the metadata is known.
+        entry = self.sb.roster_entry(x.uuid)
+        pos = entry.rebuild_pos if entry is not None else 0
+        full = bool(entry and entry.rebuild_full)
+        return {"done_bytes": pos if full else 0, "total_bytes": self.size if full else None,
+                "rate_bytes_per_s": 0, "eta_s": None, "kind": "full" if full else "resync",
+                "running": False, "error": None, "checkpoint_bytes": pos}
 
     def status(self) -> dict[str, Any]:
         members: list[dict[str, Any]] = []
@@ -384,7 +919,8 @@ class Volume:
                 "events": x.sb.events,
                 "errors": {"read": s.read_errors, "write": s.write_errors,
                            "checksum": s.checksum_errors},
-                "reads": s.reads, "writes": s.writes, "rebuild": None,
+                "reads": s.reads, "writes": s.writes, "rebuild": self._rebuild_status(x),
+                "last_rebuild": x.last_rebuild,
                 "data_offset": x.data_offset,
                 "latency_ms": round(s.latency * 1000, 3),
                 "fail_reason": x.fail_reason or None,
@@ -404,7 +940,14 @@ class Volume:
                 "state": self.state, "members_expected": self.sb.members_expected,
                 "mounted": self.mounted, "size": self.size, "events": self.sb.events,
                 "checksums": self.sb.checksums, "readonly": self.readonly,
-                "io_timeout": self.io_timeout,
+                "io_timeout": self.io_timeout, "max_rebuild_rate": self.throttle.rate,
+                "regions": {"region_bytes": self.regions.region,
+                            "intent_bytes": self.regions.bytes_of(self.regions.intent),
+                            "missed_bytes": self.regions.bytes_of(self.regions.missed)},
             },
             "members": members,
         }
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

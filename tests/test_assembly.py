@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import MiB, member_entry, member_state, raid1fs, status_json
+from conftest import MiB, data_region_hash, member_entry, member_state, raid1fs, status_json
 
 
 def _write(mnt, data: bytes, offset: int = 0) -> None:
@@ -25,23 +25,42 @@ def _read(mnt, n: int, offset: int = 0) -> bytes:
         os.close(fd)
 
 
-def test_member_absent_from_degraded_mount_is_stale(env):
+def _member_data(member, n: int) -> bytes:
+    st = status_json(member)
+    with open(member, "rb") as f:
+        f.seek(st["members"][0]["data_offset"])
+        return f.read(n)
+
+
+def test_member_absent_from_degraded_mount_is_resynced(env):
     """A member missing while the volume was mounted --degraded missed
-    writes: when it comes back it is stale, serves no reads, and the data
-    written without it is what the volume shows."""
+    writes: when it comes back it is resynced over exactly the regions
+    written without it, serves no read of them until it holds them, and
+    ends identical."""
     a, b = env.create("a.img", "b.img", size="16M")
     mnt = env.mount(b, opts=["--degraded"])
     st = status_json(mnt)
     assert member_state(st, a) == "missing" and st["volume"]["state"] == "degraded"
     _write(mnt, b"B" * MiB)
+    _write(mnt, b"C" * MiB, 8 * MiB)
     raid1fs("umount", mnt)
 
-    raid1fs("mount", a, b, mnt)
-    assert _read(mnt, MiB) == b"B" * MiB
+    # Slow enough that both reads come while a still lacks those regions.
+    raid1fs("mount", "--max-rebuild-rate", "256K", a, b, mnt)
     st = status_json(mnt)
-    assert member_state(st, a) == "stale"
-    assert member_entry(st, a)["reads"] == 0
+    assert member_state(st, a) == "rebuilding"
+    assert member_entry(st, a)["rebuild"]["total_bytes"] == 2 * MiB
+    # a (slot 0) wins ties, so had it been asked, these would read zeros.
+    assert _read(mnt, MiB) == b"B" * MiB
+    assert _read(mnt, MiB, 8 * MiB) == b"C" * MiB
+    assert member_state(status_json(mnt), a) == "rebuilding"
+    r = raid1fs("rebuild", "--wait", "--max-rate", "0", mnt)
+    assert "volume clean" in r.stdout
+    st = status_json(mnt)
+    assert member_state(st, a) == "online"
+    assert member_entry(st, a)["last_rebuild"]["copied_bytes"] == 2 * MiB
     raid1fs("umount", mnt)
+    assert data_region_hash(a) == data_region_hash(b)
 
 
 def test_split_brain_is_refused_and_prefer_resolves_it(env):
@@ -66,8 +85,16 @@ def test_split_brain_is_refused_and_prefer_resolves_it(env):
     env.mount(b, a, opts=["--prefer", str(b)])
     assert _read(mnt, MiB) == b"B" * MiB
     st = status_json(mnt)
-    assert member_state(st, a) == "stale" and member_state(st, b) == "online"
+    assert member_state(st, b) == "online"
+    assert member_state(st, a) in ("rebuilding", "online")  # resynced from b
+    raid1fs("rebuild", "--wait", mnt)
+    st = status_json(mnt)
+    assert member_state(st, a) == "online"
+    # Only what either side wrote alone is copied.
+    assert member_entry(st, a)["last_rebuild"]["copied_bytes"] == MiB
     raid1fs("umount", mnt)
+    assert data_region_hash(a) == data_region_hash(b)
+    assert _member_data(a, MiB) == b"B" * MiB
 
 
 def test_missing_member_refused_without_degraded(env):

@@ -191,8 +191,8 @@ def test_hung_member_does_not_wedge_the_volume(env):
 
 def test_failed_member_is_stale_at_next_mount(env):
     """A member that failed a write is recorded failed on the survivor before
-    the write returns; at the next mount it is recognised as stale and serves
-    no reads, even when it is readable again."""
+    the write returns; at the next mount it is recognised as stale, serves no
+    read of what it missed, and is resynced over exactly that."""
     _, ffs = env.faultfs()
     a, b = env.create(ffs / "a.img", "b.img", size="16M")
     mnt = env.mount(a, b)
@@ -207,16 +207,20 @@ def test_failed_member_is_stale_at_next_mount(env):
 
     st = status_json(a, b)
     assert member_state(st, a) == "stale"
-    r = raid1fs("mount", a, b, mnt)
+    r = raid1fs("mount", "--max-rebuild-rate", "256K", a, b, mnt)
     assert r.returncode == 0
     _drop_cache(mnt / "disk")
     with open(mnt / "disk", "rb") as f:
-        assert f.read(3000) == b"new" * 1000
-        f.read()
+        assert f.read(3000) == b"new" * 1000  # a (slot 0, first on ties) lacks it
     st = status_json(mnt)
-    assert member_state(st, a) == "stale"
-    assert member_entry(st, a)["reads"] == 0
-    assert st["volume"]["state"] == "degraded"
+    assert member_state(st, a) == "rebuilding"
+    assert st["volume"]["state"] == "rebuilding"
+    raid1fs("rebuild", "--wait", "--max-rate", "unlimited", mnt)
+    st = status_json(mnt)
+    assert member_state(st, a) == "online" and st["volume"]["state"] == "clean"
+    assert member_entry(st, a)["last_rebuild"]["copied_bytes"] == MiB  # one region
+    raid1fs("umount", mnt)
+    assert data_region_hash(a) == data_region_hash(b)
 
 
 def test_reads_prefer_the_faster_member(env):

@@ -1,0 +1,62 @@
+"""`raid1fs rebuild MEMBER...`: resilver the members of an unmounted volume.
+
+The same engine as a mount (raid1fs.volume), without FUSE: assemble, start
+(which resumes interrupted rebuilds and resyncs after a crash), take up stale
+members, copy with progress, then mark every member clean. Interrupted
+(Ctrl-C, kill), it leaves a checkpoint the next rebuild or mount resumes from.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import trio
+
+from raid1fs import progress
+from raid1fs.assemble import Plan, assemble, close_all, read_members
+from raid1fs.errors import BadMemberError
+from raid1fs.events import EventSink
+from raid1fs.volume import Volume
+
+
+def run(paths: list[str], max_rate: int | None) -> int:
+    found = read_members(paths, writable=True)
+    try:
+        kinds = {f.sb.kind for f in found}
+        if kinds != {"disk"}:
+            raise BadMemberError(f"{found[0].path}: volume kind {found[0].sb.kind!r} "
+                                 "is not supported by this version")
+        plan = assemble(found, degraded=True)
+    except BaseException:
+        close_all(found)
+        raise
+    for _, hint in plan.missing:
+        print(f"raid1fs: note: member {hint or '?'} is missing; rebuilding the others",
+              file=sys.stderr)
+    return trio.run(_rebuild, plan, max_rate)
+
+
+async def _rebuild(plan: Plan, max_rate: int | None) -> int:
+    volume = Volume(plan, events=EventSink(plan.authority.volume_uuid),
+                    max_rebuild_rate=max_rate)
+    printer = progress.Printer()
+    async with trio.open_nursery() as nursery:
+        try:
+            await volume.start(nursery)
+            await volume.rebuild_all()
+            if not progress.rebuilding(volume.status()):
+                print("nothing to rebuild: " + ("every member is in sync"
+                      if volume.state == "clean" else f"the volume is {volume.state}"))
+            while progress.rebuilding(st := volume.status()):
+                printer.update(st)
+                await trio.sleep(0.5)
+            printer.finish()
+        finally:
+            printer.finish()
+            with trio.CancelScope(shield=True):
+                await volume.shutdown()
+            nursery.cancel_scope.cancel()
+    code, lines = progress.outcome(volume.status())
+    for line in lines:
+        print(line)
+    return code
