@@ -231,7 +231,8 @@ def cmd_replace(a: argparse.Namespace) -> int:
     r = control.request(a.mountpoint, "replace", old=_member_arg(a.old),
                         new=os.path.abspath(a.new))
     _print_join(r)
-    print(f"{a.old}: keeps serving until {r['path']} is in sync, then is removed")
+    print(f"{a.old}: removed from the volume once {r['path']} is in sync "
+          "(until then it serves as before, if it can)")
     return 0
 
 

@@ -97,7 +97,8 @@ class RegionLog:
                 if not self.missed.test(r):
                     self._set(MISSED, self.missed, r, r + 1)
                     need = True
-        return regions, need
+        # A bit another write set may not be durable yet: wait for it too.
+        return regions, need or self.synced < self.gen
 
     def end(self, regions: range, now: float) -> None:
         for r in regions:

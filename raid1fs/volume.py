@@ -597,31 +597,41 @@ class Volume:
         p.cancel = trio.CancelScope()
         self.events.emit("rebuild-started", x.path,
                          f"{'full rebuild' if p.full else 'resync'} of {_mib(p.total_bytes)}")
-        rl = self.regions
-        last_checkpoint = time.monotonic()
         try:
             with p.cancel:
-                for r0, r1 in list(p.pending.runs(0, max(1, CHUNK // rl.region))):
-                    if x.state != m.REBUILDING:
-                        return
-                    lo, hi = rl.region_bytes(r0, r1)
-                    await self.throttle.take(hi - lo)
-                    with trio.CancelScope(shield=True):
-                        ok = await self._copy(x, lo, hi)
-                    if not ok:
-                        return
-                    p.pending.clear_range(r0, r1)
-                    p.done_bytes += hi - lo
-                    if time.monotonic() - last_checkpoint >= CHECKPOINT_EVERY:
-                        last_checkpoint = time.monotonic()
-                        await self._commit(self._checkpoint_all)
-            if p.cancel.cancelled_caught or x.state != m.REBUILDING:
-                return
+                await self._copy_all(x, p)
+            if (p.cancel.cancelled_caught or x.state != m.REBUILDING or x.rebuild is not p
+                    or p.pending):
+                return  # stopped: resumed from its checkpoint later
             with trio.CancelScope(shield=True):
                 await self._finish_rebuild(x)
+        except Raid1fsError as e:
+            p.error = str(e)
+            log.error("rebuild of %s stopped: %s", x.path, e)
+        except Exception as e:  # a bug: keep the mount serving, say why
+            p.error = f"internal error: {e}"
+            log.exception("rebuild of %s failed", x.path)
         finally:
             p.running = False
             p.finished.set()
+
+    async def _copy_all(self, x: Member, p: Progress) -> None:
+        rl = self.regions
+        last_checkpoint = time.monotonic()
+        for r0, r1 in list(p.pending.runs(0, max(1, CHUNK // rl.region))):
+            if x.state != m.REBUILDING or x.rebuild is not p:
+                return
+            lo, hi = rl.region_bytes(r0, r1)
+            await self.throttle.take(hi - lo)
+            with trio.CancelScope(shield=True):  # a copy is never left half done
+                ok = await self._copy(x, lo, hi)
+            if not ok:
+                return
+            p.pending.clear_range(r0, r1)
+            p.done_bytes += hi - lo
+            if time.monotonic() - last_checkpoint >= CHECKPOINT_EVERY:
+                last_checkpoint = time.monotonic()
+                await self._commit(self._checkpoint_all)
 
     async def _copy(self, x: Member, lo: int, hi: int) -> bool:
         """Copy volume bytes [lo, hi) to x; False if the rebuild must stop."""
@@ -898,10 +908,10 @@ class Volume:
     # ----- reporting --------------------------------------------------------
 
     def _rebuild_status(self, x: Member) -> dict[str, Any] | None:
-        if x.rebuild is not None:
-            return x.rebuild.as_status()
         if x.state != m.REBUILDING:
             return None
+        if x.rebuild is not None:
+            return x.rebuild.as_status()
         # Offline: only the checkpoint in the metadata is known.
         entry = self.sb.roster_entry(x.uuid)
         pos = entry.rebuild_pos if entry is not None else 0
