@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     except Raid1fsError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{PROG}: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

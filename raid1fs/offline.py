@@ -8,6 +8,7 @@ members, copy with progress, then mark every member clean. Interrupted
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import trio
@@ -33,7 +34,15 @@ def run(paths: list[str], max_rate: int | None) -> int:
     for _, hint in plan.missing:
         print(f"raid1fs: note: member {hint or '?'} is missing; rebuilding the others",
               file=sys.stderr)
-    return trio.run(_rebuild, plan, max_rate)
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="raid1fs: %(message)s",
+                        force=True)
+    try:
+        return trio.run(_rebuild, plan, max_rate)
+    except BaseExceptionGroup as eg:  # trio wraps what a nursery raised
+        sub = eg.subgroup(KeyboardInterrupt)
+        if sub is not None:
+            raise sub.exceptions[0] from None
+        raise
 
 
 async def _rebuild(plan: Plan, max_rate: int | None) -> int:
@@ -51,10 +60,17 @@ async def _rebuild(plan: Plan, max_rate: int | None) -> int:
                 printer.update(st)
                 await trio.sleep(0.5)
             printer.finish()
+        except KeyboardInterrupt:
+            printer.finish()
+            with trio.CancelScope(shield=True):
+                await volume.shutdown()  # records the checkpoint
+            raise KeyboardInterrupt(
+                "interrupted; the rebuild resumes from its checkpoint next time") from None
         finally:
             printer.finish()
             with trio.CancelScope(shield=True):
-                await volume.shutdown()
+                if volume.mounted:
+                    await volume.shutdown()
             nursery.cancel_scope.cancel()
     code, lines = progress.outcome(volume.status())
     for line in lines:

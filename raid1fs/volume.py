@@ -281,6 +281,15 @@ class Volume:
             await self._plan_rebuilds()
             await self._flush_regions()
             await self._commit(clean=False)
+        elif any(not x.sb.clean for x in self.online()):
+            # Read-only after a crash: nothing may be resynced, and the
+            # members may differ where writes were in flight. Read from one.
+            source = self._source()
+            for x in self.online():
+                if x is not source:
+                    x.state = m.STALE
+                    log.warning("read-only mount after an unclean shutdown: %s serves no "
+                                "reads until a read-write mount resyncs it", x.path)
         self.mounted = True
         if self.state != CLEAN:
             self.events.emit("degraded", "", f"volume starts {self.state}")
@@ -907,6 +916,15 @@ class Volume:
 
     # ----- reporting --------------------------------------------------------
 
+    def _absent(self, slot: int, path: str, state: str, reason: str | None) -> dict[str, Any]:
+        """The status entry of a slot whose member is not here."""
+        return {
+            "path": path, "uuid": self.sb.roster[slot].uuid, "slot": slot, "state": state,
+            "events": None, "errors": {"read": 0, "write": 0, "checksum": 0}, "reads": 0,
+            "writes": 0, "rebuild": None, "last_rebuild": None,
+            "data_offset": self.sb.data_offset, "latency_ms": None, "fail_reason": reason,
+        }
+
     def _rebuild_status(self, x: Member) -> dict[str, Any] | None:
         if x.state != m.REBUILDING:
             return None
@@ -936,13 +954,14 @@ class Volume:
                 "fail_reason": x.fail_reason or None,
             })
         for slot, hint in self.missing:
-            e = self.sb.roster[slot]
-            members.append({
-                "path": hint, "uuid": e.uuid, "slot": slot, "state": m.MISSING, "events": None,
-                "errors": {"read": 0, "write": 0, "checksum": 0}, "reads": 0, "writes": 0,
-                "rebuild": None, "data_offset": self.sb.data_offset, "latency_ms": None,
-                "fail_reason": None,
-            })
+            members.append(self._absent(slot, hint, m.MISSING, None))
+        present = {x.uuid for x in self.members} | {self.sb.roster[i].uuid for i, _ in self.missing}
+        for slot, e in enumerate(self.sb.roster):
+            if e.state in ABSENT_STATES and e.uuid not in present:
+                # Away earlier and not brought here: still owed a resync.
+                members.append(self._absent(
+                    slot, e.path, m.FAILED if e.state == FAILED else m.MISSING,
+                    f"{e.state} earlier; not among the members given"))
         members.sort(key=lambda d: d["slot"])
         return {
             "volume": {
