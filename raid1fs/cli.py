@@ -259,8 +259,11 @@ def _rebuild_online(a: argparse.Namespace) -> int:
 
     mp = a.paths[0]
     started = control.request(mp, "rebuild", max_rate=a.max_rate)
+    from raid1fs.sizes import format_size
+
     for r in started:
-        print(f"{r['path']}: {r['kind']} of {r['total_bytes']} bytes")
+        kind = "full rebuild" if r["kind"] == "full" else "resync"
+        print(f"{r['path']}: {kind} {r['action']}, {format_size(r['left_bytes'])} to copy")
     st = control.request(mp, "status", timeout=30)
     if not progress.rebuilding(st) and not started:
         state = st["volume"]["state"]

@@ -165,6 +165,7 @@ def create_disk(paths: list[str], name: str, size: int | None, checksums: bool,
                 csum_offset=layout.csum_offset, csum_bytes=layout.csum_bytes,
                 checksums=checksums, created=now, roster=[s for s in roster],
             )
+            os.fsync(fd)  # the zeroing, durable before the metadata names it
             # Both copies, so no older superblock can outrank the new one.
             write_superblock(fd, sb)
             write_superblock(fd, sb)

@@ -71,18 +71,27 @@ class Throttle:
     def __init__(self, rate: int | None) -> None:
         self.rate = rate
         self._next = 0.0
+        self._changed = trio.Event()
 
     def set(self, rate: int | None) -> None:
         self.rate = rate or None
         self._next = 0.0
+        self._changed.set()  # a copy waiting at the old rate re-plans at once
+        self._changed = trio.Event()
 
     async def take(self, nbytes: int) -> None:
-        if not self.rate:
+        while self.rate:
+            now = time.monotonic()
+            due = max(self._next, now - self.BURST) + nbytes / self.rate
+            if due <= now:
+                self._next = due
+                return
+            changed = self._changed
+            with trio.move_on_after(due - now):
+                await changed.wait()
+                continue  # the rate changed: plan again
+            self._next = due
             return
-        now = time.monotonic()
-        self._next = max(self._next, now - self.BURST) + nbytes / self.rate
-        if self._next > now:
-            await trio.sleep(self._next - now)
 
 
 def write_chunk(fd: int, data: bytes, offset: int, skip_zeros: bool) -> None:

@@ -8,7 +8,7 @@ Rules (docs/write-ordering.md, rules 9-12):
 - intent bits are cleared lazily: a group with no write in flight and none
   started for INTENT_LINGER seconds is cleared after an fdatasync of every
   member has made its data durable;
-- while some member is away (a roster slot failed, missing or rebuilding),
+- while some member is away (a roster slot failed or missing),
   every region written is recorded in the missed-writes bitmap, durably,
   before the write is issued; a member that fails also has every region with
   a write in flight (the intent bits) recorded; the bitmap is emptied only

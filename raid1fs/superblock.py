@@ -106,6 +106,9 @@ class Slot:
     # (its history is unknown), else only the regions the bitmaps name.
     rebuild_pos: int = 0
     rebuild_full: bool = False
+    # For a rebuilding slot started by `replace`: the member UUID removed
+    # from the volume when this one is in sync.
+    replaces: str = ""
 
 
 @dataclass
@@ -247,8 +250,15 @@ def read_superblock(fd: int, name: str, base: int = 0) -> tuple[Superblock, list
 
 
 def write_superblock(fd: int, sb: Superblock, base: int = 0) -> None:
-    """Write the next copy (alternating) and make it durable. Bumps sb.seq."""
+    """Write the next copy (alternating) and make it durable. Bumps sb.seq.
+
+    Durable with RWF_DSYNC: this block only. An fsync would also flush all
+    of the member's dirty data, which under load makes every metadata
+    update (a rebuild checkpoint, say) wait for gigabytes. Whoever needs
+    data durable with the metadata syncs it first (docs/write-ordering.md).
+    """
     sb.seq += 1
     block = sb.encode()
-    os.pwrite(fd, block, base + (sb.seq % SB_COPIES) * SB_SIZE)
-    os.fsync(fd)
+    n = os.pwritev(fd, [block], base + (sb.seq % SB_COPIES) * SB_SIZE, os.RWF_DSYNC)
+    if n != len(block):
+        raise OSError(5, "short superblock write")

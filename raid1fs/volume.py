@@ -132,6 +132,7 @@ class Volume:
         self.members = [Member(f.path, f.fd, f.sb, io_timeout, f.state) for f in plan.members]
         self.missing = list(plan.missing)
         self._meta_lock = trio.Lock()
+        self._fail_gen = self._durable_fail_gen = 0  # failures marked / committed
         self._admin_lock = trio.Lock()  # add, replace, spare takeover: one at a time
         self._ranges = RangeLock()
         self.regions = RegionLog(self.sb)
@@ -159,7 +160,15 @@ class Volume:
         return out
 
     def _recording(self) -> bool:
-        """Are writes recorded in the missed-writes bitmap (someone is away)?"""
+        """Are writes recorded in the missed-writes bitmap (someone is away)?
+
+        A rebuilding member is not away: writes reach it. What it still lacks
+        is in the bitmap already (it was put there before it came back), or
+        it is rebuilt in full."""
+        return any(s.state in ABSENT_STATES for s in self.sb.roster)
+
+    def _behind(self) -> bool:
+        """Does anyone still need the missed-writes bitmap?"""
         return any(s.state in (*ABSENT_STATES, REBUILDING) for s in self.sb.roster)
 
     def _filled(self) -> int:
@@ -210,7 +219,10 @@ class Volume:
                          ) -> tuple[Callable[..., object], tuple]:
                     return write_superblock, (x.fd, copies[x])
 
+                fail_gen = self._fail_gen  # every failure marked so far is in the copies
                 _, errors = await fanout(targets, "metadata write", call)
+                if not errors:
+                    self._durable_fail_gen = fail_gen
                 for x in targets:
                     if x not in errors:
                         x.sb = copies[x]
@@ -243,6 +255,7 @@ class Volume:
         """
         if x.state == m.FAILED:
             return False
+        self._fail_gen += 1
         was = self.state
         rebuilding = x.state == m.REBUILDING
         x.state = m.FAILED
@@ -348,7 +361,8 @@ class Volume:
                     else rl.missed.copy()
                 pending.clear_range(0, entry.rebuild_pos // rl.region)
                 pending |= crash
-                self._set_rebuilding(x, entry, pending, full=entry.rebuild_full)
+                self._set_rebuilding(x, entry, pending, full=entry.rebuild_full,
+                                    replaces=entry.replaces)
         for x in self.members:
             entry = self.sb.roster_entry(x.uuid)
             if x.state == m.STALE and entry is not None and self._filled() < \
@@ -383,6 +397,7 @@ class Volume:
                              replaces=replaces, zeroed=zeroed)
         entry.state = REBUILDING
         entry.rebuild_full = full
+        entry.replaces = replaces
         entry.rebuild_pos = x.rebuild.position()
         rl.touch_all()  # its bitmaps become the volume's
         log.warning("member %s: %s of %s", x.path, "full rebuild" if full else "resync",
@@ -415,14 +430,15 @@ class Volume:
                       what: str) -> None:
         """After a fan-out: fail the members that failed, unless none succeeded.
 
-        Also when nothing failed here, a commit in progress is waited for: the
-        targets may have left out a member that another write just failed,
-        whose failure is not yet durable; returning now, a crash could bring
-        that member back as in sync without this write.
+        Also when nothing failed here, a member failure not yet durable is
+        waited for: the targets may have left out a member that another write
+        just failed; returning now, a crash could bring that member back as
+        in sync without this write. (Other commits, such as checkpoints, are
+        not waited for.)
         """
         if not errors:
-            if self._meta_lock.locked():
-                async with self._meta_lock:
+            if self._fail_gen != self._durable_fail_gen:
+                async with self._meta_lock:  # the failing commit holds it
                     pass
             return
         online = [x for x in targets if x.state == m.ONLINE]
@@ -564,13 +580,13 @@ class Volume:
 
         The new `missed_since` is committed first: a crash in between leaves
         extra bits (more copying later), never too few."""
-        if self._recording() or not self.regions.missed or self.readonly:
+        if self._behind() or not self.regions.missed or self.readonly:
             return
 
         def since(sb: Superblock) -> None:
             sb.missed_since = sb.events + 1  # the commit's own event number
         await self._commit(since)
-        if not self._recording():
+        if not self._behind():
             self.regions.clear_missed()
             await self._flush_regions()
 
@@ -640,7 +656,16 @@ class Volume:
             p.done_bytes += hi - lo
             if time.monotonic() - last_checkpoint >= CHECKPOINT_EVERY:
                 last_checkpoint = time.monotonic()
-                await self._commit(self._checkpoint_all)
+                await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        """Record every rebuild's position (rule 15): what was copied is made
+        durable first, so a checkpoint never names data a power cut lost."""
+        targets = [x for x in self.members if x.state == m.REBUILDING]
+        _, errors = await fanout(targets, "fsync", lambda x: (os.fdatasync, (x.fd,)))
+        if errors:
+            await self._commit(self._failer(errors))
+        await self._commit(self._checkpoint_all)
 
     async def _copy(self, x: Member, lo: int, hi: int) -> bool:
         """Copy volume bytes [lo, hi) to x; False if the rebuild must stop."""
@@ -689,6 +714,7 @@ class Volume:
             entry = sb.roster_entry(x.uuid)
             if entry is not None:
                 entry.state, entry.rebuild_pos, entry.rebuild_full = ACTIVE, 0, False
+                entry.replaces = ""
             x.state = m.ONLINE
             if p.replaces:
                 gone = sb.roster_entry(p.replaces)
@@ -887,7 +913,8 @@ class Volume:
         p = x.rebuild
         return {"path": x.path, "state": x.state, "slot": x.slot,
                 "kind": None if p is None else ("full" if p.full else "resync"),
-                "total_bytes": None if p is None else p.total_bytes}
+                "total_bytes": None if p is None else p.total_bytes,
+                "left_bytes": None if p is None else p.total_bytes - p.done_bytes}
 
     async def rebuild_all(self, max_rate: int | None = None) -> list[dict[str, Any]]:
         """Resilver every member that needs it (`raid1fs rebuild`): resume
@@ -901,14 +928,16 @@ class Volume:
         async with self._admin_lock:
             for x in list(self.members):
                 entry = self.sb.roster_entry(x.uuid)
-                if x.state == m.STALE and entry is not None:
+                replaced = any(y.rebuild is not None and y.rebuild.replaces == x.uuid
+                               for y in self.members)
+                if x.state == m.STALE and entry is not None and not replaced:
                     pending, full = self._resync_set(x, entry)
                     await self._begin_rebuild(x, entry, pending, full)
-                elif x.state == m.REBUILDING:
+                    out.append(dict(self._describe(x), action="started"))
+                elif x.state == m.REBUILDING and x.rebuild is not None:
+                    action = "running" if x.rebuild.running else "resumed"
                     self._spawn_rebuild(x)
-                else:
-                    continue
-                out.append(self._describe(x))
+                    out.append(dict(self._describe(x), action=action))
         return out
 
     def set_rebuild_rate(self, rate: int | None) -> None:
