@@ -16,7 +16,7 @@ import sys
 import time
 
 from raid1fs import __version__, control
-from raid1fs.errors import Raid1fsError, UsageError
+from raid1fs.errors import ControlError, Raid1fsError, UsageError
 from raid1fs.sizes import parse_size
 
 PROG = "raid1fs"
@@ -154,7 +154,20 @@ def cmd_mount(a: argparse.Namespace) -> int:
 
 def cmd_umount(a: argparse.Namespace) -> int:
     mp = os.path.abspath(a.mountpoint)
-    st = control.request(mp, "status", timeout=30)
+    try:
+        st = control.request(mp, "status", timeout=30)
+    except ControlError:
+        from raid1fs.mount import clear_dead_mount, mounted_fstype
+
+        real = os.path.realpath(mp)
+        if mounted_fstype(real) != "fuse.raid1fs":
+            raise
+        clear_dead_mount(real)
+        if mounted_fstype(real) is not None:
+            raise
+        print(f"{PROG}: note: its mount process was gone, so the members were not marked "
+              "clean: the next mount resyncs what may differ", file=sys.stderr)
+        return 0
     pid = st["daemon"]["pid"]
     r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if r.returncode:

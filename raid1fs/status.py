@@ -9,8 +9,10 @@ from __future__ import annotations
 import fcntl
 from typing import Any
 
-from raid1fs.assemble import assemble, close_all, read_members
+from raid1fs.assemble import Found, assemble, close_all, read_members
+from raid1fs.bitmap import Bitmap
 from raid1fs.sizes import format_size
+from raid1fs.superblock import REBUILDING, read_bitmaps
 from raid1fs.volume import CLEAN, Volume
 
 EXIT_IN_SYNC, EXIT_NOT_IN_SYNC, EXIT_UNKNOWN = 0, 1, 3
@@ -27,15 +29,39 @@ def offline_status(paths: list[str]) -> dict[str, Any]:
             except OSError:
                 in_use.append(f.path)
         plan = assemble(found, degraded=True, strict=False)
-        st = Volume(plan).status()
+        volume = Volume(plan)
+        st = volume.status()
         st["volume"]["clean_shutdown"] = plan.authority.clean
         st["volume"]["in_use"] = in_use
+        _bitmaps(st, volume, found)
         problems = {f.path: f.problems for f in found if f.problems}
         for mem in st["members"]:
             mem["metadata_problems"] = problems.get(mem["path"], [])
         return st
     finally:
         close_all(found)
+
+
+def _bitmaps(st: dict[str, Any], volume: Volume, found: list[Found]) -> None:
+    """What the members' bitmaps say; after an unclean shutdown, the resync
+    the next mount will do (the members may differ there until then)."""
+    rl = volume.regions
+    intent, missed = Bitmap(rl.nregions, rl.nbytes), Bitmap(rl.nregions, rl.nbytes)
+    for f in found:
+        try:
+            i_raw, m_raw = read_bitmaps(f.fd, f.sb)
+        except OSError:
+            continue
+        intent |= Bitmap(rl.nregions, rl.nbytes, i_raw)
+        missed |= Bitmap(rl.nregions, rl.nbytes, m_raw)
+    v = st["volume"]
+    v["regions"].update(intent_bytes=rl.bytes_of(intent), missed_bytes=rl.bytes_of(missed))
+    online = [f for f in found if f.state == "online"]
+    unclean = any(not f.sb.clean for f in online)
+    if unclean and intent and len(online) > 1 and not v["in_use"]:
+        v["resync_pending_bytes"] = rl.bytes_of(intent)
+        if v["state"] == CLEAN:
+            v["state"] = REBUILDING  # not in sync until the next mount resyncs
 
 
 def exit_status(st: dict[str, Any]) -> int:
@@ -59,6 +85,9 @@ def format_human(st: dict[str, Any]) -> str:
         shut = "clean" if v.get("clean_shutdown") else "NOT clean (stopped without unmounting)"
         lines.append(f" mounted: no; last shutdown {shut}")
     lines.append(f"  events: {v['events']}")
+    if v.get("resync_pending_bytes"):
+        lines.append(f"  resync: {format_size(v['resync_pending_bytes'])} where writes were in "
+                     "flight may differ between members; the next mount resyncs it")
     lines.append("")
     width = max([len(mem["path"] or "?") for mem in st["members"]] + [6])
     lines.append(f"  {'SLOT':<4}  {'MEMBER':<{width}}  {'STATE':<10} {'READ':>5} {'WRITE':>5} "

@@ -2,11 +2,13 @@
 
 Everything a test mounts, attaches or starts is torn down here, in reverse
 order, even when the test fails: loop devices detached, file systems
-unmounted, raid1fs and faultfs mounts ended (lazily as a last resort).
+unmounted, raid1fs and faultfs mounts ended (lazily as a last resort), also
+when the mount process was killed and left a dead FUSE mount behind.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,6 +24,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FAULTFS = ROOT / "tools" / "faultfs"
 MiB = 1 << 20
+# The unprivileged user, as a uid: run(user=NOBODY) drops to it, and the
+# mount's log names refused requests by this number.
+NOBODY = "65534"
 
 
 def run(*args: str | os.PathLike, check: bool = True, timeout: float = 120,
@@ -86,6 +91,65 @@ def data_region_hash(member: str | os.PathLike, st: dict | None = None) -> str:
     return sha256(member, offset, st["volume"]["size"])
 
 
+def one_line(stderr: str) -> str:
+    """The single `raid1fs: ...` line of a refusal (no traceback)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"not one line: {stderr!r}"
+    assert lines[0].startswith("raid1fs: "), lines[0]
+    return lines[0]
+
+
+def drop_cache(path: str | os.PathLike) -> None:
+    """Drop the page cache of the file at `path`, so the next read reaches
+    the file system underneath."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def process_gone(pid: int) -> bool:
+    """Has process `pid` exited (gone, or a zombie nobody reaped yet)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:  # ENOENT, or ESRCH while it goes
+        return True
+
+
+def mounts_at(path: str | os.PathLike) -> list[str]:
+    """The fs types of every mount stacked exactly at `path`, bottom first,
+    from /proc/self/mountinfo (which, unlike os.path.ismount, also lists a
+    dead FUSE mount)."""
+    real = os.path.realpath(path)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == real:
+                out.append(fields[fields.index("-") + 1])
+    return out
+
+
+def is_dead_fuse(path: str | os.PathLike) -> bool:
+    """Does the FUSE mount at `path` answer that its process is gone?"""
+    try:
+        os.statvfs(path)  # always reaches the mount process (stat may be cached)
+        return False
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def loop_backing(dev: str) -> str | None:
+    """The file loop device `dev` serves, or None once it is detached."""
+    try:
+        return Path(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
+
+
 def wait_for(pred, timeout: float = 30, what: str = "condition", interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:
@@ -117,20 +181,30 @@ class Cleanup:
         return errors
 
 
-def _unmount_raid1fs(mp: str) -> None:
-    if not os.path.ismount(mp):
-        return
-    r = raid1fs("umount", mp, check=False)
-    if r.returncode and os.path.ismount(mp):
+def _detach_dead_fuse(mp: str, fstype: str) -> None:
+    """Detach what a killed mount process left at `mp`: os.path.ismount is
+    False there (ENOTCONN), so the unmounts below would pass it by."""
+    for _ in range(5):
+        if fstype not in mounts_at(mp) or not is_dead_fuse(mp):
+            return
         subprocess.run(["fusermount3", "-uz", mp], capture_output=True)
+    raise AssertionError(f"a dead {fstype} mount is still attached at {mp}")
+
+
+def _unmount_raid1fs(mp: str) -> None:
+    if os.path.ismount(mp):
+        r = raid1fs("umount", mp, check=False)
+        if r.returncode and os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-uz", mp], capture_output=True)
+    _detach_dead_fuse(mp, "fuse.raid1fs")
 
 
 def _unmount_faultfs(mp: str) -> None:
-    if not os.path.ismount(mp):
-        return
-    r = faultfs("umount", mp, check=False, timeout=60)
-    if r.returncode and os.path.ismount(mp):
-        subprocess.run(["fusermount3", "-uz", mp], capture_output=True)
+    if os.path.ismount(mp):
+        r = faultfs("umount", mp, check=False, timeout=60)
+        if r.returncode and os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-uz", mp], capture_output=True)
+    _detach_dead_fuse(mp, "fuse.faultfs")
 
 
 def _umount(mp: str) -> None:
@@ -140,8 +214,12 @@ def _umount(mp: str) -> None:
             subprocess.run(["umount", "-l", mp], capture_output=True)
 
 
-def _losetup_detach(dev: str) -> None:
-    subprocess.run(["losetup", "-d", dev], capture_output=True)
+def _losetup_detach(dev: str, tmp: str) -> None:
+    """Detach `dev` only while it still serves a file under this test's `tmp`:
+    if the test detached it already, the name may by now be another test's."""
+    backing = loop_backing(dev)
+    if backing is not None and backing.startswith(tmp + os.sep):
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
 class Env:
@@ -184,14 +262,19 @@ class Env:
         self.cleanup.push(_unmount_faultfs, str(mp))
         return src, mp
 
-    def losetup(self, target: str | os.PathLike, offset: int = 0, readonly: bool = False) -> str:
+    def losetup(self, target: str | os.PathLike, offset: int = 0, readonly: bool = False,
+                direct_io: bool = False) -> str:
+        """A loop device over `target`, a file under this test's directory;
+        the test may detach it itself."""
         args = ["losetup", "--find", "--show"]
         if offset:
             args += ["-o", str(offset)]
         if readonly:
             args.append("-r")
+        if direct_io:
+            args.append("--direct-io=on")
         dev = run(*args, target).stdout.strip()
-        self.cleanup.push(_losetup_detach, dev)
+        self.cleanup.push(_losetup_detach, dev, os.path.realpath(self.tmp))
         return dev
 
     def mount_fs(self, dev: str, name: str = "data", opts: str | None = None) -> Path:

@@ -11,25 +11,23 @@ import sys
 import threading
 
 import pytest
-from conftest import MiB, member_state, raid1fs, run, sha256, status_json, wait_for
+from conftest import (
+    NOBODY,
+    MiB,
+    member_state,
+    one_line,
+    raid1fs,
+    run,
+    sha256,
+    status_json,
+    wait_for,
+)
 
 from raid1fs import control
-
-# conftest's run(user="nobody") passes the name to --regid too, and this
-# system has no group called "nobody" (it is "nogroup"): use the numbers.
-NOBODY = "65534"
 
 
 def member(st: dict, path) -> dict:
     return next(m for m in st["members"] if m["path"] == str(path))
-
-
-def one_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"not one line: {stderr!r}"
-    assert lines[0].startswith("raid1fs: "), lines[0]
-    return lines[0]
 
 
 # ----- guarantee 10 -----------------------------------------------------------------
@@ -58,8 +56,8 @@ def test_other_user_cannot_fail_or_remove(env, cmd):
     # The refusal came from the mount, on the peer's credentials: it reached
     # the control socket (not a client-side EACCES) and was logged there.
     log = os.path.join(os.environ["RAID1FS_RUN_DIR"], control.mount_key(str(mnt)) + ".log")
-    refusals = [ln for ln in open(log) if "refused" in ln and cmd in ln and "65534" in ln]
-    assert refusals, f"no refusal of {cmd} by uid 65534 in {log}"
+    refusals = [ln for ln in open(log) if "refused" in ln and cmd in ln and NOBODY in ln]
+    assert refusals, f"no refusal of {cmd} by uid {NOBODY} in {log}"
     st = status_json(mnt)
     assert member_state(st, a) == want
     assert [m["path"] for m in st["members"]] == [str(a), str(b)]

@@ -42,7 +42,12 @@ from pathlib import Path
 from conftest import (
     MiB,
     data_region_hash,
+    drop_cache,
+    is_dead_fuse,
+    loop_backing,
     member_entry,
+    mounts_at,
+    process_gone,
     raid1fs,
     run,
     sha256,
@@ -169,59 +174,10 @@ def _ext4_writer(root: str, journal: str, seed: int) -> int:
 # ----- helpers --------------------------------------------------------------------
 
 
-def _mountinfo(path: str) -> list[str]:
-    """fs types of every mount stacked exactly at `path`."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4].encode().decode("unicode_escape") == path:
-                out.append(fields[fields.index("-") + 1])
-    return out
-
-
-def _is_dead_fuse(path: str) -> bool:
-    try:
-        os.statvfs(path)
-        return False
-    except OSError as e:
-        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-
-
-def _clear_dead_fuse(path: str) -> None:
-    """Teardown: conftest's umount sees no mount at a dead FUSE mount point
-    (ismount fails on ENOTCONN); detach it here so nothing leaks."""
-    for _ in range(5):
-        if "fuse.raid1fs" not in _mountinfo(path) or not _is_dead_fuse(path):
-            return
-        subprocess.run(["fusermount3", "-uz", path], capture_output=True)
-
-
 def _stop_process(p: subprocess.Popen) -> None:
     if p.poll() is None:
         p.kill()
         p.wait(timeout=30)
-
-
-def _loop_backing(dev: str) -> str | None:
-    try:
-        return Path(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read_text().strip()
-    except OSError:
-        return None
-
-
-def _detach_if_ours(dev: str, prefix: str) -> None:
-    """Teardown: detach a loop device only while it still serves our file
-    (the name may have been reused by someone else's test meanwhile)."""
-    b = _loop_backing(dev)
-    if b is not None and b.startswith(prefix):
-        subprocess.run(["losetup", "-d", dev], capture_output=True)
-
-
-def _attach(env, target: Path) -> str:
-    dev = run("losetup", "--find", "--show", target).stdout.strip()
-    env.cleanup.push(_detach_if_ours, dev, str(env.tmp))
-    return dev
 
 
 def _umount_dead_fs(mp: Path) -> str:
@@ -240,17 +196,19 @@ def kill_daemon(mnt: Path) -> int:
     connection gone."""
     pid = status_json(mnt)["daemon"]["pid"]
     os.kill(pid, signal.SIGKILL)
-
-    def dead() -> bool:
-        try:
-            st = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return True
-        return st.rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie nobody reaps
-
-    wait_for(dead, timeout=30, what=f"mount process {pid} to die")
-    wait_for(lambda: _is_dead_fuse(str(mnt)), timeout=10, what="the FUSE connection to drop")
+    wait_for(lambda: process_gone(pid), timeout=30, what=f"mount process {pid} to die")
+    wait_for(lambda: is_dead_fuse(mnt), timeout=10, what="the FUSE connection to drop")
     return pid
+
+
+def crash_volume(env, size: int) -> tuple[int, random.Random, list[Path], Path]:
+    """A drill's start: the master seed (printed, to reproduce the run) and a
+    generator seeded with it; members a and b of a `size`-byte disk volume,
+    mounted."""
+    seed0 = master_seed()
+    print(f"\nRAID1FS_CRASH_SEED={seed0}")
+    members = env.create("a.img", "b.img", size=f"{size // MiB}M")
+    return seed0, random.Random(seed0), members, env.mount(*members)
 
 
 def start_writer(env, *args: object) -> subprocess.Popen:
@@ -276,6 +234,17 @@ def wait_for_journal(writer: subprocess.Popen, journal: Path, kind: str, ctx: st
     wait_for(ready, timeout=60, what=f"{ctx}: the writer's first {kind!r} record")
 
 
+def writer_under_way(env, first: str, delay: float, ctx: str, mode: str, target: Path,
+                     journal: Path, *args: object) -> subprocess.Popen:
+    """Start a `mode` writer on `target`, journalling to `journal`, and return
+    it `delay` seconds after its first `first` record, still writing."""
+    writer = start_writer(env, mode, target, journal, *args)
+    wait_for_journal(writer, journal, first, ctx)
+    time.sleep(delay)
+    assert writer.poll() is None, f"{ctx}: the writer finished before the kill"
+    return writer
+
+
 def finish_writer(writer: subprocess.Popen, journal: Path, ctx: str) -> str:
     """The writer must end on the dead mount's I/O error, not on a bug of its own."""
     try:
@@ -296,9 +265,8 @@ def remount(members: list[Path], mnt: Path, ctx: str, opts=()) -> float:
     t0 = time.monotonic()
     raid1fs("mount", *opts, *members, mnt)
     took = time.monotonic() - t0
-    assert _mountinfo(str(mnt)) == ["fuse.raid1fs"], \
-        f"{ctx}: mounts at {mnt}: {_mountinfo(str(mnt))}"
-    assert not _is_dead_fuse(str(mnt))
+    assert mounts_at(mnt) == ["fuse.raid1fs"], f"{ctx}: mounts at {mnt}: {mounts_at(mnt)}"
+    assert not is_dead_fuse(mnt)
     return took
 
 
@@ -336,14 +304,6 @@ def _first_diff(a: bytes, b: bytes) -> int | None:
                 if a[i:i + BLOCK] != b[i:i + BLOCK]:
                     return i
     return None
-
-
-def _drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def members_identical(members: list[Path], expected: str | None, ctx: str) -> None:
@@ -391,7 +351,7 @@ def check_window(disk: Path, known: bytes, journal: Path, seed: int, ctx: str
             b = (rel + i) // BLOCK
             loose.setdefault(b, [bytes(expected[rel + i:rel + i + BLOCK])]).append(
                 data[i:i + BLOCK])
-    _drop_cache(disk)
+    drop_cache(disk)
     with open(disk, "rb") as f:
         f.seek(WINDOW_LO)
         actual = f.read(WINDOW)
@@ -431,12 +391,7 @@ def test_kill9_during_raw_writes_resyncs_only_the_window(env):
     blocks not written since read back unchanged, and an unsynced block holds
     its old content or one of its new ones; after umount the members' data
     regions are identical and hold exactly that."""
-    seed0 = master_seed()
-    rng = random.Random(seed0)
-    print(f"\nRAID1FS_CRASH_SEED={seed0}")
-    members = env.create("a.img", "b.img", size=f"{RAW_SIZE // MiB}M")
-    mnt = env.mount(*members)
-    env.cleanup.push(_clear_dead_fuse, str(mnt))
+    seed0, rng, members, mnt = crash_volume(env, RAW_SIZE)
     disk = mnt / "disk"
     zeros = bytes(4 * MiB)
     prefix = hashlib.sha256()
@@ -453,10 +408,7 @@ def test_kill9_during_raw_writes_resyncs_only_the_window(env):
         ctx = f"iteration {it} (RAID1FS_CRASH_SEED={seed0}, writer seed {seed}, writes in " \
               f"[{lo // MiB}, {hi // MiB}) MiB, kill {delay:.2f} s after the first fsync)"
         journal = env.path(f"journal-{it}")
-        writer = start_writer(env, "raw", disk, journal, seed, lo, hi)
-        wait_for_journal(writer, journal, "S", ctx)
-        time.sleep(delay)
-        assert writer.poll() is None, f"{ctx}: the writer finished before the kill"
+        writer = writer_under_way(env, "S", delay, ctx, "raw", disk, journal, seed, lo, hi)
         kill_daemon(mnt)
         err = finish_writer(writer, journal, ctx)
         off = status_json(*members)
@@ -504,12 +456,7 @@ def test_kill9_during_the_resync_of_a_crash(env):
     still recorded rebuilding (offline status); the third mount finishes the
     resync within the window; every fsynced block of both workloads is
     intact and the members end identical."""
-    seed0 = master_seed()
-    rng = random.Random(seed0)
-    print(f"\nRAID1FS_CRASH_SEED={seed0}")
-    members = env.create("a.img", "b.img", size=f"{RAW_SIZE // MiB}M")
-    mnt = env.mount(*members)
-    env.cleanup.push(_clear_dead_fuse, str(mnt))
+    seed0, rng, members, mnt = crash_volume(env, RAW_SIZE)
     disk = mnt / "disk"
     known = bytes(WINDOW)
     out = {}
@@ -519,10 +466,8 @@ def test_kill9_during_the_resync_of_a_crash(env):
         ctx = f"round {round_} (RAID1FS_CRASH_SEED={seed0}, writer seed {seed}, " \
               f"kill {delay:.2f} s after the first fsync)"
         journal = env.path(f"journal-{round_}")
-        writer = start_writer(env, "raw", disk, journal, seed, WINDOW_LO, WINDOW_HI)
-        wait_for_journal(writer, journal, "S", ctx)
-        time.sleep(delay)
-        assert writer.poll() is None, f"{ctx}: the writer finished before the kill"
+        writer = writer_under_way(env, "S", delay, ctx, "raw", disk, journal, seed,
+                                  WINDOW_LO, WINDOW_HI)
         if round_ == 1:
             st = status_json(mnt)
             now = [member_entry(st, p)["rebuild"] for p in members]
@@ -610,13 +555,8 @@ def test_kill9_under_ext4_loses_no_fsynced_file(env):
     volume is mounted again and resynced, ext4 replays its journal, and every
     file journalled in any round reads back with its hash; e2fsck -fn is
     clean, and after umount the members' data regions are identical."""
-    seed0 = master_seed()
-    rng = random.Random(seed0)
-    print(f"\nRAID1FS_CRASH_SEED={seed0}")
-    members = env.create("a.img", "b.img", size=f"{EXT4_SIZE // MiB}M")
-    mnt = env.mount(*members)
-    env.cleanup.push(_clear_dead_fuse, str(mnt))
-    loop = _attach(env, mnt / "disk")
+    seed0, rng, members, mnt = crash_volume(env, EXT4_SIZE)
+    loop = env.losetup(mnt / "disk")
     run("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop)
     files: dict[str, str] = {}
     results = []
@@ -626,24 +566,21 @@ def test_kill9_under_ext4_loses_no_fsynced_file(env):
               f"kill {delay:.2f} s after the first file)"
         data = env.mount_fs(loop, "data")
         journal = env.path(f"journal-{it}")
-        writer = start_writer(env, "ext4", data / f"r{it}", journal, seed)
-        wait_for_journal(writer, journal, "F", ctx)
-        time.sleep(delay)
-        assert writer.poll() is None, f"{ctx}: the writer finished before the kill"
+        writer = writer_under_way(env, "F", delay, ctx, "ext4", data / f"r{it}", journal, seed)
         kill_daemon(mnt)
         err = finish_writer(writer, journal, ctx)
 
         # Take the dead stack down: ext4, then the loop device over the dead file.
         how = _umount_dead_fs(data)
         run("losetup", "-d", loop)
-        wait_for(lambda dev=loop: _loop_backing(dev) is None, timeout=30,
+        wait_for(lambda dev=loop: loop_backing(dev) is None, timeout=30,
                  what=f"{ctx}: {loop} over the dead mount to be released")
         assert status_json(*members)["volume"]["clean_shutdown"] is False, ctx
 
         mount_s = remount(members, mnt, ctx)
         rs = resync_report(mnt, members, ctx)
         assert rs["copied_bytes"] > 0, f"{ctx}: ext4 was writing, yet nothing resynced: {rs}"
-        loop = _attach(env, mnt / "disk")
+        loop = env.losetup(mnt / "disk")
         data = env.mount_fs(loop, "data")  # replays the ext4 journal
         new = {r[1]: r[2] for r in read_journal(journal) if r[0] == "F"}
         assert not set(new) & set(files)
@@ -662,7 +599,7 @@ def test_kill9_under_ext4_loses_no_fsynced_file(env):
         fsck = run("e2fsck", "-fn", loop, check=False)
         assert fsck.returncode == 0, f"{ctx}: e2fsck -fn: {fsck.returncode}\n{fsck.stdout}"
         run("losetup", "-d", loop)
-        wait_for(lambda dev=loop: _loop_backing(dev) is None, timeout=30,
+        wait_for(lambda dev=loop: loop_backing(dev) is None, timeout=30,
                  what=f"{loop} detached")
         raid1fs("umount", mnt)
         members_identical(members, None, ctx)
@@ -672,13 +609,11 @@ def test_kill9_under_ext4_loses_no_fsynced_file(env):
         results.append(res)
         print("crash", json.dumps(res))
         raid1fs("mount", *members, mnt)
-        loop = _attach(env, mnt / "disk")
+        loop = env.losetup(mnt / "disk")
     run("losetup", "-d", loop)
     raid1fs("umount", mnt)
     st = status_json(*members)
-    dev = run("losetup", "--find", "--show", "-r", "-o",
-              str(st["members"][1]["data_offset"]), members[1]).stdout.strip()
-    env.cleanup.push(_detach_if_ours, dev, str(env.tmp))
+    dev = env.losetup(members[1], offset=st["members"][1]["data_offset"], readonly=True)
     run("e2fsck", "-fn", dev)
 
 
@@ -693,7 +628,6 @@ def test_kill9_after_idle_resyncs_nothing(env):
     the members are identical with the fsynced data."""
     members = env.create("a.img", "b.img", size="1G")
     mnt = env.mount(*members)
-    env.cleanup.push(_clear_dead_fuse, str(mnt))
     payload = random.Random(5).randbytes(8 * MiB)
     fd = os.open(mnt / "disk", os.O_RDWR)
     try:
@@ -723,7 +657,7 @@ def test_kill9_after_idle_resyncs_nothing(env):
     assert "nothing to rebuild" in r.stdout, r.stdout
     st = status_json(mnt)
     assert all(member_entry(st, p)["last_rebuild"] is None for p in members), st["members"]
-    _drop_cache(mnt / "disk")
+    drop_cache(mnt / "disk")
     with open(mnt / "disk", "rb") as f:
         f.seek(300 * MiB)
         assert f.read(len(payload)) == payload
@@ -734,6 +668,42 @@ def test_kill9_after_idle_resyncs_nothing(env):
 
 
 # ----- the ordering a kill -9 can hardly hit -------------------------------------------
+
+
+def test_after_kill9_offline_status_and_umount_tell_the_truth(env):
+    """After kill -9 with writes in flight: offline status says the members
+    are not known to be in sync (exit 1, the resync pending, named in the
+    human form); `raid1fs umount` of the dead mount detaches it and says the
+    members were not marked clean; the next mount resyncs that much."""
+    members = env.create("a.img", "b.img", size="256M")
+    mnt = env.mount(*members)
+    fd = os.open(mnt / "disk", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"x" * MiB, 100 * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    kill_daemon(mnt)
+
+    r = raid1fs("status", "--json", *members, check=False)
+    assert r.returncode == 1, r.stdout
+    v = json.loads(r.stdout)["volume"]
+    assert v["clean_shutdown"] is False and v["state"] == "rebuilding", v
+    assert v["resync_pending_bytes"] == 64 * MiB == v["regions"]["intent_bytes"], v
+    human = raid1fs("status", *members, check=False).stdout
+    assert "resync: 64.0M" in human and "next mount" in human, human
+
+    r = raid1fs("umount", mnt)
+    assert "not marked clean" in r.stderr and len(r.stderr.strip().splitlines()) == 2, r.stderr
+    assert not mounts_at(mnt)
+
+    raid1fs("mount", *members, mnt)
+    raid1fs("rebuild", "--wait", mnt)
+    st = status_json(mnt)
+    copied = [member_entry(st, p)["last_rebuild"] for p in members]
+    assert [c["copied_bytes"] for c in copied if c] == [64 * MiB], copied
+    raid1fs("umount", mnt)
+    assert status_json(*members)["volume"]["state"] == "clean"
 
 
 def test_write_into_a_group_being_marked_waits_for_the_mark(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 from conftest import (
     MiB,
     data_region_hash,
+    drop_cache,
     faultfs,
     member_entry,
     member_state,
@@ -114,14 +115,6 @@ def test_ext4_survives_member_failing_mid_workload(env, fault):
     run("e2fsck", "-fn", chk)
 
 
-def _drop_cache(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _filled_volume(env):
     """A 32 MiB volume, member A on faultfs, filled with random data."""
     _, ffs = env.faultfs()
@@ -142,7 +135,7 @@ def test_read_errors_are_retried_and_healed(env):
     ffs, a, b, mnt, payload = _filled_volume(env)
     faultfs("set", ffs, "eio-read")
     for _ in range(3):
-        _drop_cache(mnt / "disk")
+        drop_cache(mnt / "disk")
         with open(mnt / "disk", "rb") as f:
             assert f.read() == payload
     st = status_json(mnt)
@@ -179,7 +172,7 @@ def test_hung_member_does_not_wedge_the_volume(env):
     st = status_json(mnt)
     assert member_state(st, a) == "failed"
     assert "timeout" in (member_entry(st, a)["fail_reason"])
-    _drop_cache(mnt / "disk")
+    drop_cache(mnt / "disk")
     with open(mnt / "disk", "rb") as f:
         assert f.read(4096) == b"x" * 4096
     t0 = time.monotonic()
@@ -209,7 +202,7 @@ def test_failed_member_is_stale_at_next_mount(env):
     assert member_state(st, a) == "stale"
     r = raid1fs("mount", "--max-rebuild-rate", "256K", a, b, mnt)
     assert r.returncode == 0
-    _drop_cache(mnt / "disk")
+    drop_cache(mnt / "disk")
     with open(mnt / "disk", "rb") as f:
         assert f.read(3000) == b"new" * 1000  # a (slot 0, first on ties) lacks it
     st = status_json(mnt)

@@ -8,25 +8,27 @@ a member's data region through `losetup -r -o data_offset`.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import random
 import re
 import signal
 import struct
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import (
+    NOBODY,
     MiB,
     data_region_hash,
     faultfs,
     member_entry,
     member_state,
+    mounts_at,
+    one_line,
+    process_gone,
     raid1fs,
     run,
     sha256,
@@ -36,21 +38,7 @@ from conftest import (
 
 from raid1fs import control
 
-# conftest's run(user="nobody") passes the name to --regid, and this system
-# has no group "nobody": use the numbers (as test_control.py does).
-NOBODY = "65534"
-
-
 # ----- helpers ----------------------------------------------------------------------
-
-def one_line(stderr: str) -> str:
-    """The single `raid1fs: ...` line of a refusal (no traceback)."""
-    assert "Traceback" not in stderr, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"not one line: {stderr!r}"
-    assert lines[0].startswith("raid1fs: "), lines[0]
-    return lines[0]
-
 
 def paths_and_states(st: dict) -> list[tuple[str, str]]:
     return [(m["path"], m["state"]) for m in st["members"]]
@@ -69,40 +57,6 @@ def fsync_write(path, pieces: list[tuple[int, bytes]]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def losetup_direct(env, target) -> str:
-    """A loop device over `target` with direct I/O, so that reads of the file
-    system on it reach raid1fs instead of the page cache of `target`."""
-    dev = run("losetup", "--find", "--show", "--direct-io=on", target).stdout.strip()
-    env.cleanup.push(lambda d: subprocess.run(["losetup", "-d", d], capture_output=True), dev)
-    return dev
-
-
-def fuse_mounted(mp) -> bool:
-    """Is something mounted at mp (also a dead FUSE mount, which ismount misses)?"""
-    real = os.path.realpath(mp)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4].encode().decode("unicode_escape") == real for line in f)
-
-
-def detach_dead_mount(mp) -> None:
-    if fuse_mounted(mp):
-        try:
-            os.statvfs(mp)
-            return  # alive: the usual teardown handles it
-        except OSError as e:
-            if e.errno != errno.ENOTCONN:
-                return
-        subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True)
-
-
-def process_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def e2fsck_member(env, member, st: dict) -> None:
@@ -131,79 +85,86 @@ def check_content(data: bytes) -> None:
     assert data == make_content(seed, size), "content does not match its header"
 
 
-class FsWriter(threading.Thread):
+class Worker(threading.Thread):
+    """A workload thread in `root`, driven by `seed`, until `stop` is set:
+    `count` is how many rounds it finished, `error` what ended it early
+    (reported by the test)."""
+
+    def __init__(self, root: Path, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.root, self.seed = root, seed
+        self.count = 0
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.work(random.Random(self.seed))
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+    def work(self, rng: random.Random) -> None:
+        raise NotImplementedError
+
+
+class FsWriter(Worker):
     """Rewrites SLOTS files in turn: content to a temporary file, fsync,
     rename over the slot, fsync the directory; then remembers its hash."""
 
     SLOTS = 150
 
     def __init__(self, root: Path, seed: int) -> None:
-        super().__init__(daemon=True)
-        self.root, self.seed = root, seed
+        super().__init__(root, seed)
         self.hashes: dict[str, str] = {}
-        self.count = 0
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
 
-    def run(self) -> None:
-        rng = random.Random(self.seed)
+    def work(self, rng: random.Random) -> None:
+        dfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            dfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                while not self.stop.is_set():
-                    name = f"f{self.count % self.SLOTS:03d}"
-                    data = make_content(rng.getrandbits(63), rng.randint(0, 256 << 10))
-                    tmp = self.root / f".{name}.tmp"
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.rename(tmp, self.root / name)
-                    os.fsync(dfd)
-                    self.hashes[name] = hashlib.sha256(data).hexdigest()
-                    self.count += 1
-            finally:
-                os.close(dfd)
-        except BaseException as e:  # reported by the test
-            self.error = e
+            while not self.stop.is_set():
+                name = f"f{self.count % self.SLOTS:03d}"
+                data = make_content(rng.getrandbits(63), rng.randint(0, 256 << 10))
+                tmp = self.root / f".{name}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(tmp, self.root / name)
+                os.fsync(dfd)
+                self.hashes[name] = hashlib.sha256(data).hexdigest()
+                self.count += 1
+        finally:
+            os.close(dfd)
 
 
-class FsReader(threading.Thread):
+class FsReader(Worker):
     """Reads random files the writer finished, dropping their cached pages
     first (the loop device does direct I/O, so the read reaches raid1fs),
     and verifies each one's content."""
 
     def __init__(self, root: Path, writer: FsWriter, seed: int) -> None:
-        super().__init__(daemon=True)
-        self.root, self.writer, self.seed = root, writer, seed
-        self.count = 0
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
+        super().__init__(root, seed)
+        self.writer = writer
 
-    def run(self) -> None:
-        rng = random.Random(self.seed)
-        try:
-            while not self.stop.is_set():
-                names = list(self.writer.hashes)
-                if not names:
-                    time.sleep(0.01)
-                    continue
-                name = rng.choice(names)
-                fd = os.open(self.root / name, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                    chunks = []
-                    while chunk := os.read(fd, 1 << 20):
-                        chunks.append(chunk)
-                finally:
-                    os.close(fd)
-                try:
-                    check_content(b"".join(chunks))
-                except AssertionError as e:
-                    raise AssertionError(f"{name}: {e}") from None
-                self.count += 1
-        except BaseException as e:
-            self.error = e
+    def work(self, rng: random.Random) -> None:
+        while not self.stop.is_set():
+            names = list(self.writer.hashes)
+            if not names:
+                time.sleep(0.01)
+                continue
+            name = rng.choice(names)
+            fd = os.open(self.root / name, os.O_RDONLY)
+            try:  # drop the pages of the very file read (the slot may be renamed over)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                chunks = []
+                while chunk := os.read(fd, 1 << 20):
+                    chunks.append(chunk)
+            finally:
+                os.close(fd)
+            try:
+                check_content(b"".join(chunks))
+            except AssertionError as e:
+                raise AssertionError(f"{name}: {e}") from None
+            self.count += 1
 
 
 def test_ext4_under_io_survives_fail_replace_rebuild(env):
@@ -218,7 +179,9 @@ def test_ext4_under_io_survives_fail_replace_rebuild(env):
     a, b = env.create("a.img", "b.img", size="128M")
     c = env.path("c.img")
     mnt = env.mount(a, b, opts=["--max-rebuild-rate", "20M"])
-    loop = losetup_direct(env, mnt / "disk")
+    # Direct I/O, so that reads of the file system on it reach raid1fs instead
+    # of the page cache of the disk file.
+    loop = env.losetup(mnt / "disk", direct_io=True)
     run("mkfs.ext4", "-q", loop)
     data = env.mount_fs(loop)
 
@@ -362,7 +325,6 @@ def test_interrupted_replace_resumes_from_checkpoint(env, how):
     a, b = env.create("a.img", "b.img", size="256M")
     c = env.path("c.img")
     mnt = env.mount(a, b, opts=["--max-rebuild-rate", "16M"])
-    env.cleanup.push(detach_dead_mount, mnt)
     fsync_write(mnt / "disk", [(i * 32 * MiB, os.urandom(8 * MiB)) for i in range(8)])
 
     if how == "umount-old-failed":
@@ -395,7 +357,7 @@ def test_interrupted_replace_resumes_from_checkpoint(env, how):
         pid = st["daemon"]["pid"]
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: process_gone(pid), timeout=10, what="the mount process to die")
-        assert fuse_mounted(mnt), "the dead mount should still be attached"
+        assert mounts_at(mnt), "the dead mount should still be attached"
 
     off = status_json(a, b, c)
     assert off["volume"]["clean_shutdown"] is how.startswith("umount")
@@ -617,8 +579,8 @@ def test_nobody_cannot_add_replace_or_rebuild(env):
         line = one_line(r.stderr)
         assert "permission denied" in line.lower(), (what, line)
         cmd = args[0]
-        refused = [ln for ln in open(log) if "refused" in ln and cmd in ln and "65534" in ln]
-        assert refused, f"no refusal of {cmd} by uid 65534 in {log}"
+        refused = [ln for ln in open(log) if "refused" in ln and cmd in ln and NOBODY in ln]
+        assert refused, f"no refusal of {cmd} by uid {NOBODY} in {log}"
         assert not d.exists() and not e.exists(), what
         st = status_json(mnt)
         assert [p for p, _ in paths_and_states(st)] == [str(a), str(b), str(c)], what
