@@ -816,6 +816,9 @@ class Volume:
                 uuid = self.sb.roster[slot].uuid
         if not uuid:
             x = self.find_member(old)
+            if x.state == m.SPARE:
+                raise Raid1fsError(f"{x.path}: is a spare, not in use; remove it and add "
+                                   "the new one with --spare")
             if x.state == m.REBUILDING and x.rebuild is not None and x.rebuild.replaces:
                 raise Raid1fsError(f"{x.path}: is itself replacing another member")
             uuid = x.uuid
