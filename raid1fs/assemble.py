@@ -6,8 +6,10 @@
         it must carry a valid superblock (either copy) of the same volume
     choose the authority: the member with the highest event counter
     split brain: two members that each record themselves active and the
-        other not active were changed apart; refuse and name them, unless
-        --prefer names the one that wins (it then becomes the authority)
+        other gone (failed, missing or unknown) were changed apart; refuse
+        and name them, unless --prefer names the one that wins (it then
+        becomes the authority). Not split: a member the other records gone
+        at an event counter above its own (it left and was not used since)
     judge every member by the authority's roster:
         listed active  -> online (an event counter behind by an interrupted
                           metadata update is caught up when the mount starts)
@@ -144,9 +146,20 @@ def _gone_in(sb: Superblock, member_uuid: str) -> bool:
     return e is None or e.state in (FAILED, MISSING)
 
 
+def _left_quietly(x: Superblock, y: Superblock) -> bool:
+    """Did x leave y's volume and stay unused since? y records x gone at an
+    event counter above x's own: x has written no metadata, so no data,
+    since it left (a mount of x alone would have raised its counter)."""
+    e = y.roster_entry(x.member_uuid)
+    return (e is not None and e.state in (FAILED, MISSING) and e.gone_events > 0
+            and x.events < e.gone_events)
+
+
 def find_split_brain(found: list[Found]) -> list[tuple[Found, Found]]:
     """Pairs of members that each think themselves active and that the
-    other went away: each went on without the other."""
+    other went away: each went on without the other. A member that only
+    does not know the other because it left before the other joined is
+    behind, not split."""
     pairs = []
     for i, a in enumerate(found):
         for b in found[i + 1 :]:
@@ -155,6 +168,8 @@ def find_split_brain(found: list[Found]) -> list[tuple[Found, Found]]:
                 and _active_in(b.sb, b.sb.member_uuid)
                 and _gone_in(a.sb, b.sb.member_uuid)
                 and _gone_in(b.sb, a.sb.member_uuid)
+                and not _left_quietly(a.sb, b.sb)
+                and not _left_quietly(b.sb, a.sb)
             ):
                 pairs.append((a, b))
     return pairs

@@ -67,12 +67,16 @@ class Workers:
         self.queue: queue.SimpleQueue[tuple[Batch, int, Callable[..., Any], tuple]] = (
             queue.SimpleQueue())
         self.threads: list[threading.Thread] = []
+        self.busy = 0  # calls submitted and not yet returned (hung ones too)
+        self._busy_lock = threading.Lock()
 
     def submit(self, batch: Batch, i: int, fn: Callable[..., Any], args: tuple) -> None:
         if len(self.threads) < self.size:
             t = threading.Thread(target=self._loop, name=f"io:{self.name}", daemon=True)
             t.start()
             self.threads.append(t)
+        with self._busy_lock:
+            self.busy += 1
         self.queue.put((batch, i, fn, args))
 
     def _loop(self) -> None:
@@ -81,9 +85,13 @@ class Workers:
             try:
                 result = fn(*args)
             except BaseException as e:  # handed to the caller
-                batch.finish(i, None, e)
+                error: BaseException | None = e
+                result = None
             else:
-                batch.finish(i, result, None)
+                error = None
+            with self._busy_lock:
+                self.busy -= 1
+            batch.finish(i, result, error)
 
 
 async def run_batch(calls: list[tuple[Workers, Callable[..., Any], tuple]], timeout: float

@@ -109,6 +109,10 @@ class Slot:
     # For a rebuilding slot started by `replace`: the member UUID removed
     # from the volume when this one is in sync.
     replaces: str = ""
+    # For a failed or missing slot: the event counter of the commit that
+    # first recorded it gone. Its member's own counter is lower, unless the
+    # member was mounted apart from the volume since (split brain).
+    gone_events: int = 0
 
 
 @dataclass

@@ -18,6 +18,7 @@ them in the same order. Nothing here imports pyfuse3.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -138,6 +139,7 @@ class Volume:
         self.regions = RegionLog(self.sb)
         self.throttle = Throttle(max_rebuild_rate)
         self._nursery: trio.Nursery | None = None
+        self._held: list[Member] = []  # removed, still locked: their I/O hangs
         self._stopping = False
         self.mounted = False
 
@@ -172,8 +174,12 @@ class Volume:
         return any(s.state in (*ABSENT_STATES, REBUILDING) for s in self.sb.roster)
 
     def _filled(self) -> int:
-        """Slots that hold, or are being given, the volume's data."""
-        return sum(1 for s in self.sb.roster if s.state in (ACTIVE, REBUILDING))
+        """Slots that hold, or are being given, the volume's data, counting
+        the OLD and NEW of a running replace once (OLD leaves when NEW is in)."""
+        filling = {s.uuid for s in self.sb.roster if s.state in (ACTIVE, REBUILDING)}
+        leaving = {s.replaces for s in self.sb.roster
+                   if s.state == REBUILDING and s.replaces in filling}
+        return len(filling) - len(leaving)
 
     @property
     def state(self) -> str:
@@ -212,6 +218,11 @@ class Volume:
                 self.sb.clean = clean
             while True:
                 self.sb.events += 1
+                for entry in self.sb.roster:
+                    if entry.state not in ABSENT_STATES:
+                        entry.gone_events = 0
+                    elif not entry.gone_events:
+                        entry.gone_events = self.sb.events
                 targets = [x for x in self.members if x.state in (m.ONLINE, m.REBUILDING, m.SPARE)]
                 copies = {x: self._sb_for(x) for x in targets}
 
@@ -269,6 +280,9 @@ class Volume:
                 entry.state = FAILED
                 entry.rebuild_full = entry.rebuild_full or (
                     rebuilding and x.rebuild is not None and x.rebuild.full)
+                entry.replaces = ""  # a replace ends when its NEW member fails
+        if x.rebuild is not None:
+            x.rebuild.replaces = ""
         # Whatever was in flight may have missed it (rules 10 and 11).
         self.regions.record_in_flight()
         log.error("member %s failed: %s", x.path, reason)
@@ -710,7 +724,13 @@ class Volume:
         if p.replaces:
             old = next((y for y in self.members if y.uuid == p.replaces and y is not x), None)
 
-        def done(sb: Superblock) -> None:
+        finished = False
+
+        def done(sb: Superblock) -> bool:
+            nonlocal finished
+            if x.state != m.REBUILDING or x.rebuild is not p:
+                return False  # failed (or removed) while its data was synced
+            finished = True
             entry = sb.roster_entry(x.uuid)
             if entry is not None:
                 entry.state, entry.rebuild_pos, entry.rebuild_full = ACTIVE, 0, False
@@ -724,13 +744,17 @@ class Volume:
                     old.state = m.FAILED  # no more I/O to it; dropped below
                 self.missing[:] = [(s, h) for s, h in self.missing
                                    if sb.roster[s].state != REMOVED]
+            return True
         await self._commit(done)
+        if not finished:
+            return
         elapsed = time.monotonic() - p.started
         x.last_rebuild = {"kind": "full" if p.full else "resync", "copied_bytes": p.done_bytes,
                           "seconds": round(elapsed, 2), "finished": time.time()}
         x.rebuild = None
         if old is not None:
             self.members.remove(old)
+            self._release(old)
             log.warning("member %s replaced by %s", old.path, x.path)
         log.warning("member %s in sync: %s copied in %.1f s", x.path, _mib(p.done_bytes), elapsed)
         self.events.emit("rebuild-finished", x.path,
@@ -772,18 +796,33 @@ class Volume:
         await self._commit(lambda sb: self._mark_failed(x, reason))
         return x
 
+    def _away(self, path: str) -> tuple[int, str] | None:
+        """(slot, path) of a member of the roster that is not in this mount:
+        missing, or failed earlier and not given to it (status lists both)."""
+        p = os.path.abspath(path)
+        for slot, hint in self.missing:
+            if hint == p or self.sb.roster[slot].uuid == path:
+                return slot, hint
+        present = {x.uuid for x in self.members}
+        for slot, e in enumerate(self.sb.roster):
+            if e.state in ABSENT_STATES and e.uuid and e.uuid not in present \
+                    and (e.path == p or e.uuid == path):
+                return slot, e.path
+        return None
+
     async def remove(self, path: str) -> str:
         """Drop a failed, stale or missing member from the roster."""
-        p = os.path.abspath(path)
-        for slot, hint in list(self.missing):
-            if hint == p or self.sb.roster[slot].uuid == path:
-                def drop(sb: Superblock, slot: int = slot) -> None:
-                    sb.roster[slot].state = REMOVED
-                    sb.roster[slot].uuid = ""
-                await self._commit(drop)
-                self.missing.remove((slot, hint))
-                await self._maybe_clear_missed()
-                return hint
+        away = self._away(path)
+        if away is not None:
+            slot, hint = away
+
+            def drop(sb: Superblock) -> None:
+                sb.roster[slot].state = REMOVED
+                sb.roster[slot].uuid = ""
+            await self._commit(drop)
+            self.missing[:] = [(s, h) for s, h in self.missing if s != slot]
+            await self._maybe_clear_missed()
+            return hint
         x = self.find_member(path)
         if x.state in (m.ONLINE, m.REBUILDING):
             raise Raid1fsError(f"{x.path}: is {x.state}; fail it before removing it")
@@ -794,11 +833,24 @@ class Volume:
                 entry.state = REMOVED
                 entry.uuid = ""
         await self._commit(drop_member)
-        # Its fd stays open until exit: an abandoned thread may still use it.
         self.members.remove(x)
+        self._release(x)
         log.warning("member %s removed", x.path)
         await self._maybe_clear_missed()
         return x.path
+
+    def _release(self, x: Member) -> None:
+        """Let go of a member that left the volume, so that it can be added
+        again. Its fd stays open until exit (a coroutine that picked x before
+        it left may still hand it to a thread); its lock is dropped unless
+        I/O to it still hangs, which could land after a new copy of it."""
+        if x.workers.busy:
+            self._held.append(x)
+            return
+        try:
+            fcntl.flock(x.fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
 
     async def add(self, path: str, spare: bool = False) -> dict[str, Any]:
         """Add a member: rebuilt online, or a spare (`raid1fs add`).
@@ -809,11 +861,8 @@ class Volume:
 
     async def replace(self, old: str, new: str) -> dict[str, Any]:
         """Rebuild `new` online; `old` keeps serving until then, then is removed."""
-        p = os.path.abspath(old)
-        uuid = ""
-        for slot, hint in self.missing:
-            if hint == p or self.sb.roster[slot].uuid == old:
-                uuid = self.sb.roster[slot].uuid
+        away = self._away(old)
+        uuid = self.sb.roster[away[0]].uuid if away is not None else ""
         if not uuid:
             x = self.find_member(old)
             if x.state == m.SPARE:
@@ -832,6 +881,16 @@ class Volume:
         p = os.path.abspath(path)
         async with self._admin_lock:
             existing = await trio.to_thread.run_sync(self._member_at, p)
+            for y in list(self._held):
+                if not y.workers.busy:
+                    self._held.remove(y)
+                    self._release(y)
+                    continue
+                hung = await trio.to_thread.run_sync(self._member_at, p, [y])
+                if existing is None and hung is not None:
+                    raise Raid1fsError(f"{path}: was removed from this volume while I/O to "
+                                       "it hung; it can be added again once that I/O ends "
+                                       "or after a remount")
             if existing is not None:
                 if replaces:
                     raise Raid1fsError(f"{path}: already a member of this volume "
@@ -855,13 +914,13 @@ class Volume:
                     os.close(nm.fd)
                 raise
 
-    def _member_at(self, path: str) -> Member | None:
+    def _member_at(self, path: str, among: list[Member] | None = None) -> Member | None:
         """The member this path names (under any name), if any."""
         try:
             ident = assemble.identity(path)
         except OSError:
             return None
-        for x in self.members:
+        for x in self.members if among is None else among:
             st = os.fstat(x.fd)
             mine = ("dev", st.st_rdev) if stat.S_ISBLK(st.st_mode) else \
                 ("ino", st.st_dev, st.st_ino)
