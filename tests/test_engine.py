@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -180,3 +181,62 @@ def test_write_waits_for_a_failure_commit_in_progress(tmp_path, monkeypatch):
         assert order[0].startswith("metadata") and "write 2 returned" in order, order
     finally:
         close_all(found)
+
+
+def test_io_batches_wake_once_and_survive_a_hung_call():
+    """Calls on two members' threads run at once; a call that outlives the
+    timeout is reported unfinished, and its late completion wakes nobody:
+    its eventfd is reused only after that completion, drained."""
+    from raid1fs import iobatch
+
+    a, b = iobatch.Workers("a"), iobatch.Workers("b")
+    release = threading.Event()
+
+    async def main() -> None:
+        t0 = time.monotonic()
+        res, errs, fin = await iobatch.run_batch(
+            [(a, time.sleep, (0.2,)), (b, time.sleep, (0.2,))], 5)
+        assert fin == [True, True] and errs == [None, None]
+        assert time.monotonic() - t0 < 0.35  # together, not one after another
+        res, errs, fin = await iobatch.run_batch(
+            [(a, lambda: 1 // 0, ()), (b, lambda: 7, ())], 5)
+        assert isinstance(errs[0], ZeroDivisionError) and res[1] == 7
+        res, errs, fin = await iobatch.run_batch(
+            [(a, release.wait, ()), (b, lambda: 7, ())], 0.1)
+        assert fin == [False, True] and res[1] == 7
+        hung = iobatch._abandoned[-1]
+        assert not hung.signalled
+        # Later batches must not be woken by the hung call's completion.
+        for _ in range(5):
+            res, _, fin = await iobatch.run_batch([(b, lambda: 8, ())], 5)
+            assert fin == [True] and res == [8]
+            assert hung.fd not in iobatch._free
+        release.set()
+        while not hung.signalled:
+            await trio.sleep(0.01)
+        res, _, fin = await iobatch.run_batch([(b, time.sleep, (0.05,))], 5)
+        assert fin == [True]  # (woken by its own completion, not the old one)
+        assert hung not in iobatch._abandoned and hung.fd in iobatch._free
+
+    trio.run(main)
+
+
+def test_io_threads_grow_only_when_calls_would_queue():
+    from raid1fs import iobatch
+
+    w = iobatch.Workers("w", threads=3)
+
+    async def main() -> None:
+        for _ in range(20):  # one call at a time: one thread does them all
+            await iobatch.run_batch([(w, lambda: None, ())], 5)
+        assert len(w.threads) == 1
+        gate = threading.Event()
+        async with trio.open_nursery() as n:
+            for _ in range(5):
+                n.start_soon(iobatch.run_batch, [(w, gate.wait, ())], 5)
+            await trio.sleep(0.1)
+            assert len(w.threads) == 3 and w.busy == 5
+            gate.set()
+        assert w.busy == 0
+
+    trio.run(main)
