@@ -223,6 +223,16 @@ _sync_file_range = _libc.sync_file_range
 _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 SYNC_FILE_RANGE_WRITE = 2
 WRITEOUT_MIN = 256 << 10  # large writes start their write-out at once
+# pwritev2 flag (Linux 6.14): a buffered write whose write-out starts at
+# once and whose pages leave the cache once written. A mirror dirties two
+# copies of everything; on this project's VM, copying into the page cache
+# got several times slower (in CPU) while write-out of the same files ran,
+# and two 1 GiB streams wrote at 1,125-1,200 MiB/s this way against 500-860
+# with sync_file_range and 700-890 plain (then fsync). Older kernels and
+# file systems without it (FUSE, tmpfs) say EOPNOTSUPP: then the write is
+# buffered and its write-out started by sync_file_range.
+RWF_DONTCACHE = getattr(os, "RWF_DONTCACHE", 0x80)
+_no_dontcache: set[int] = set()  # fds whose file refused RWF_DONTCACHE
 
 
 def start_writeout(fd: int, offset: int, length: int) -> None:
@@ -232,15 +242,30 @@ def start_writeout(fd: int, offset: int, length: int) -> None:
     _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
-def pwrite_full(fd: int, data: bytes, offset: int, sync: bool) -> None:
-    view = memoryview(data)
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
         n = os.pwrite(fd, view[done:], offset + done)
         if n <= 0:
             raise OSError(errno.EIO, "short write")
         done += n
+
+
+def pwrite_full(fd: int, data: bytes, offset: int, sync: bool) -> None:
+    view = memoryview(data)
+    if len(view) >= WRITEOUT_MIN and not sync and fd not in _no_dontcache:
+        try:
+            n = os.pwritev(fd, [view], offset, RWF_DONTCACHE)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _no_dontcache.add(fd)
+        else:
+            if n < len(view):
+                _pwrite_all(fd, view[n:], offset + n)
+            return
+    _pwrite_all(fd, view, offset)
     if sync:
         os.fdatasync(fd)
-    elif done >= WRITEOUT_MIN:
-        start_writeout(fd, offset, done)
+    elif len(view) >= WRITEOUT_MIN:
+        start_writeout(fd, offset, len(view))

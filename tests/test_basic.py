@@ -5,9 +5,19 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 
 import pytest
-from conftest import MiB, data_region_hash, member_state, raid1fs, run, sha256, status_json
+from conftest import (
+    MiB,
+    data_region_hash,
+    drop_cache,
+    member_state,
+    raid1fs,
+    run,
+    sha256,
+    status_json,
+)
 
 
 def test_story_create_mount_fail_remove_umount(env):
@@ -134,3 +144,46 @@ def test_existing_member_starts_identical_to_new_one(env):
     b = env.path("b.img")
     raid1fs("create", "--kind", "disk", "--size", "90M", a, b)
     assert data_region_hash(a) == data_region_hash(b)
+
+
+@pytest.mark.parametrize("faulty", [False, True], ids=["ext4", "one-on-faultfs"])
+def test_writes_of_every_size_mixed_over_the_same_ranges(env, faulty):
+    """Small, large and unaligned writes over the same ranges, in any order
+    (ext4 on the disk sends all three): every uncached read, and in the end
+    every member, holds the last write. Large writes take another path
+    (RWF_DONTCACHE) where the member's file system has it (ext4), and the
+    old one (sync_file_range) where it has not (a FUSE member)."""
+    if faulty:
+        _, ffs = env.faultfs()
+        a, b = env.create(env.path("a.img"), ffs / "b.img", size="16M")
+        mnt = env.mount(a, b)
+    else:
+        (a, b), mnt = env.volume(size="16M")
+    model = bytearray(16 * MiB)
+    rnd = random.Random(7)
+    fd = os.open(mnt / "disk", os.O_RDWR)
+    try:
+        for _ in range(300):
+            kind = rnd.choice(["small", "large", "unaligned", "large"])
+            if kind == "small":
+                n, off = rnd.choice([512, 4096, 8192]), rnd.randrange(0, 16 * MiB - 8192)
+            elif kind == "large":
+                n = rnd.choice([128 << 10, 256 << 10, 1 * MiB])
+                off = rnd.randrange(0, (16 * MiB - n) // 4096) * 4096
+            else:
+                n, off = rnd.randrange(130_000, 900_000), rnd.randrange(0, 15 * MiB)
+            data = rnd.randbytes(n)
+            assert os.pwrite(fd, data, off) == n
+            model[off:off + n] = data
+            if rnd.random() < 0.1:  # uncached reads reach the members
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                r = rnd.randrange(0, 15 * MiB)
+                assert os.pread(fd, MiB, r) == model[r:r + MiB], f"read at {r}"
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    want = hashlib.sha256(model).hexdigest()
+    drop_cache(mnt / "disk")
+    assert sha256(mnt / "disk") == want
+    raid1fs("umount", mnt)
+    assert data_region_hash(a) == data_region_hash(b) == want
