@@ -111,7 +111,8 @@ class Slot:
     replaces: str = ""
     # For a failed or missing slot: the event counter of the commit that
     # first recorded it gone. Its member's own counter is lower, unless the
-    # member was mounted apart from the volume since (split brain).
+    # member was mounted apart from the volume since (split brain). 0: not
+    # known (the slot went away before this field existed).
     gone_events: int = 0
 
 

@@ -221,7 +221,7 @@ class Volume:
                 for entry in self.sb.roster:
                     if entry.state not in ABSENT_STATES:
                         entry.gone_events = 0
-                    elif not entry.gone_events:
+                    elif entry.gone_events < 0:  # gone in this mount: this commit says so
                         entry.gone_events = self.sb.events
                 targets = [x for x in self.members if x.state in (m.ONLINE, m.REBUILDING, m.SPARE)]
                 copies = {x: self._sb_for(x) for x in targets}
@@ -277,6 +277,8 @@ class Volume:
                 entry.state = REMOVED  # a spare that failed is not waited for
                 entry.uuid = ""
             else:
+                if entry.state not in ABSENT_STATES:
+                    entry.gone_events = -1  # filled in by the commit that records it
                 entry.state = FAILED
                 entry.rebuild_full = entry.rebuild_full or (
                     rebuilding and x.rebuild is not None and x.rebuild.full)
@@ -303,6 +305,7 @@ class Volume:
         self._nursery = nursery
         for slot, path in self.missing:
             self.sb.roster[slot].state = MISSING
+            self.sb.roster[slot].gone_events = -1
             log.warning("member missing: %s (slot %d)", path or "?", slot)
         if not self.readonly:
             await self._plan_rebuilds()

@@ -97,6 +97,36 @@ def test_split_brain_is_refused_and_prefer_resolves_it(env):
     assert _member_data(a, MiB) == b"B" * MiB
 
 
+def test_failed_member_is_behind_unless_it_was_used_alone_since(env):
+    """c is failed, d added in its place. Given back unused, c is stale (it
+    does not know d, but left before d came: not split). Mounted alone and
+    written after it was failed, c went on without the others: split brain
+    with each of them, refused."""
+    a, b, c = env.create("a.img", "b.img", "c.img", size="16M")
+    d = env.path("d.img")
+    mnt = env.mkdir("mnt")
+    raid1fs("mount", a, b, c, mnt)
+    raid1fs("fail", mnt, c)
+    raid1fs("add", mnt, d)
+    raid1fs("rebuild", "--wait", mnt)
+    _write(mnt, b"N" * MiB)
+    raid1fs("umount", mnt)
+    untouched = open(c, "rb").read()
+
+    raid1fs("mount", a, b, c, d, mnt)
+    assert member_state(status_json(mnt), c) == "stale"
+    raid1fs("umount", mnt)
+    assert open(c, "rb").read() == untouched  # stale, left alone: not resynced
+
+    raid1fs("mount", "--degraded", c, mnt)  # c used apart from the volume
+    _write(mnt, b"C" * MiB)
+    raid1fs("umount", mnt)
+    before = [open(p, "rb").read() for p in (a, b, c, d)]
+    r = raid1fs("mount", a, b, c, d, mnt, check=False)
+    assert r.returncode != 0 and "split brain" in r.stderr and str(c) in r.stderr, r.stderr
+    assert [open(p, "rb").read() for p in (a, b, c, d)] == before
+
+
 def test_missing_member_refused_without_degraded(env):
     """A member of the volume missing at mount: refused, naming it, unless
     --degraded; nothing written to the member that is there."""
