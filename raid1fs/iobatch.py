@@ -63,10 +63,11 @@ _abandoned: list[Batch] = []
 
 
 def _take_fd() -> int:
-    for b in [b for b in _abandoned if b.signalled]:
-        _abandoned.remove(b)
-        os.eventfd_read(b.fd)
-        _free.append(b.fd)
+    if _abandoned:  # rare: only after a timeout or a cancellation
+        for b in [b for b in _abandoned if b.signalled]:
+            _abandoned.remove(b)
+            os.eventfd_read(b.fd)
+            _free.append(b.fd)
     if _free:
         return _free.pop()
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

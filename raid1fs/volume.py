@@ -884,16 +884,14 @@ class Volume:
         p = os.path.abspath(path)
         async with self._admin_lock:
             existing = await trio.to_thread.run_sync(self._member_at, p)
-            for y in list(self._held):
-                if not y.workers.busy:
-                    self._held.remove(y)
-                    self._release(y)
-                    continue
-                hung = await trio.to_thread.run_sync(self._member_at, p, [y])
-                if existing is None and hung is not None:
-                    raise Raid1fsError(f"{path}: was removed from this volume while I/O to "
-                                       "it hung; it can be added again once that I/O ends "
-                                       "or after a remount")
+            for y in [y for y in self._held if not y.workers.busy]:
+                self._held.remove(y)
+                self._release(y)
+            if existing is None and self._held and await trio.to_thread.run_sync(
+                    self._member_at, p, list(self._held)) is not None:
+                raise Raid1fsError(f"{path}: was removed from this volume while I/O to it "
+                                   "hung; it can be added again once that I/O ends or after "
+                                   "a remount")
             if existing is not None:
                 if replaces:
                     raise Raid1fsError(f"{path}: already a member of this volume "

@@ -43,6 +43,25 @@ from raid1fs.status import offline_status
 SIZE = 8 << 20
 
 
+
+def write_both(disk: int, ref: int, size: int, off: int, n: int, seed: bytes) -> None:
+    """The same write to the disk and to the reference file: past the end of
+    the disk it must fail (the disk cannot grow), across it be cut short."""
+    data = (seed * (n // len(seed) + 1))[:n]
+    if off >= size:
+        with pytest.raises(OSError) as e:
+            os.pwrite(disk, data, off)
+        assert e.value.errno in (errno.ENOSPC, errno.EFBIG)
+        return
+    expect = min(n, size - off)
+    assert os.pwrite(disk, data, off) == expect
+    os.pwrite(ref, data[:expect], off)
+
+
+def first_difference(got: bytes, want: bytes) -> int:
+    return next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                min(len(got), len(want)))
+
 @pytest.fixture(scope="module")
 def volume(tmp_path_factory):
     cleanup = Cleanup()
@@ -84,15 +103,7 @@ def test_disk_matches_plain_file(volume):
 
         @rule(off=offsets, n=lengths, seed=st.binary(min_size=1, max_size=16))
         def write(self, off, n, seed):
-            data = (seed * (n // len(seed) + 1))[:n]
-            if off >= SIZE:
-                with pytest.raises(OSError) as e:
-                    os.pwrite(self.disk, data, off)
-                assert e.value.errno in (errno.ENOSPC, errno.EFBIG)
-                return
-            expect = min(n, SIZE - off)
-            assert os.pwrite(self.disk, data, off) == expect
-            os.pwrite(self.ref, data[:expect], off)
+            write_both(self.disk, self.ref, SIZE, off, n, seed)
 
         @rule(off=offsets, n=lengths)
         def read(self, off, n):
@@ -355,23 +366,14 @@ def test_disk_matches_plain_file_while_members_change(churn):
                 getattr(self, "do_" + op)(*args)
 
         def do_write(self, off, n, seed):
-            data = (seed * (n // len(seed) + 1))[:n]
-            if off >= CHURN_SIZE:
-                with pytest.raises(OSError) as e:
-                    os.pwrite(self.disk, data, off)
-                assert e.value.errno in (errno.ENOSPC, errno.EFBIG)
-                return
-            expect = min(n, CHURN_SIZE - off)
-            assert os.pwrite(self.disk, data, off) == expect
-            os.pwrite(self.ref, data[:expect], off)
+            write_both(self.disk, self.ref, CHURN_SIZE, off, n, seed)
 
         def do_read(self, off, n, uncached=False):
             if uncached:
                 os.posix_fadvise(self.disk, 0, 0, os.POSIX_FADV_DONTNEED)
             got, want = os.pread(self.disk, n, off), os.pread(self.ref, n, off)
             if got != want:
-                at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
-                          min(len(got), len(want)))
+                at = first_difference(got, want)
                 pytest.fail(f"{'uncached ' if uncached else ''}read of {n} at {off} differs "
                             f"from the reference at volume offset {off + at}; members: "
                             f"{self.state}")
@@ -387,8 +389,7 @@ def test_disk_matches_plain_file_while_members_change(churn):
                 got = b"".join(pool.map(lambda i: os.pread(self.disk, part, i * part), range(4)))
             want = os.pread(self.ref, CHURN_SIZE, 0)
             if got != want:
-                at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
-                          min(len(got), len(want)))
+                at = first_difference(got, want)
                 pytest.fail(f"uncached read of the whole disk differs from the reference at "
                             f"volume offset {at}; members: {self.state}")
 
