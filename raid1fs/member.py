@@ -177,8 +177,8 @@ class Member:
 
 
 async def fanout(members: list[Member], op: str,
-                 call: Callable[[Member], tuple[Callable[..., Any], tuple]]
-                 ) -> tuple[list[Any], dict[Member, MemberIOError]]:
+                 call: Callable[[Member], tuple[Callable[..., Any], tuple]],
+                 quick: float = 0) -> tuple[list[Any], dict[Member, MemberIOError]]:
     """Run call(member) on every member at once (one batch, one wake-up).
 
     Returns the results in member order (None where it failed) and the
@@ -191,7 +191,7 @@ async def fanout(members: list[Member], op: str,
         fn, args = call(x)
         calls.append((x.workers, fn, args))
     timeout = max(x.timeout for x in members)
-    results, errs, finished = await run_batch(calls, timeout)
+    results, errs, finished = await run_batch(calls, timeout, quick)
     out: list[Any] = []
     failed: dict[Member, MemberIOError] = {}
     for x, r, e, f in zip(members, results, errs, finished, strict=True):

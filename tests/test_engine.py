@@ -221,6 +221,64 @@ def test_io_batches_wake_once_and_survive_a_hung_call():
     trio.run(main)
 
 
+def test_quick_batches_hold_the_loop_only_briefly():
+    """A quick batch is waited for on the loop thread for at most `quick`
+    seconds: a fast call returns at once without trio's wake-up, a slow one
+    falls back to the usual wait (and still times out), and a member with a
+    call in flight (a hung one) never holds up the loop at all."""
+    from raid1fs import iobatch
+
+    a, b = iobatch.Workers("qa"), iobatch.Workers("qb")
+    release = threading.Event()
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await trio.sleep(0.001)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await trio.sleep(0.01)
+            res, errs, fin = await iobatch.run_batch(
+                [(a, lambda: 1, ()), (b, lambda: 2, ())], 5, quick=0.05)
+            assert res == [1, 2] and fin == [True, True] and errs == [None, None]
+            res, errs, fin = await iobatch.run_batch(
+                [(a, lambda: 1 // 0, ()), (b, lambda: 2, ())], 5, quick=0.05)
+            assert isinstance(errs[0], ZeroDivisionError) and fin == [True, True]
+            # Slower than `quick`: the loop is held 20 ms at most, not 300.
+            gaps.clear()
+            res, errs, fin = await iobatch.run_batch(
+                [(a, time.sleep, (0.3,)), (b, lambda: 2, ())], 5, quick=0.02)
+            assert fin == [True, True] and res[1] == 2
+            assert max(gaps) < 0.15, max(gaps)
+            # Hung past the timeout: unfinished, as without `quick`.
+            res, errs, fin = await iobatch.run_batch(
+                [(a, release.wait, ()), (b, lambda: 2, ())], 0.2, quick=0.02)
+            assert fin == [False, True]
+            hung = iobatch._abandoned[-1]
+            # With a call on a still hanging, quick batches on a take the
+            # usual path: a slow call does not hold up the loop.
+            gaps.clear()
+            res, errs, fin = await iobatch.run_batch(
+                [(a, time.sleep, (0.3,)), (b, lambda: 2, ())], 5, quick=1.0)
+            assert fin == [True, True]
+            assert max(gaps) < 0.15, max(gaps)
+            release.set()
+            while not hung.signalled:
+                await trio.sleep(0.01)
+            res, errs, fin = await iobatch.run_batch(
+                [(a, lambda: 3, ()), (b, lambda: 4, ())], 5, quick=0.05)
+            assert res == [3, 4] and fin == [True, True]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_io_threads_grow_only_when_calls_would_queue():
     from raid1fs import iobatch
 
