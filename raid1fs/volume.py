@@ -18,7 +18,6 @@ them in the same order. Nothing here imports pyfuse3.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import stat
@@ -850,16 +849,22 @@ class Volume:
 
     def _release(self, x: Member) -> None:
         """Let go of a member that left the volume, so that it can be added
-        again. Its fd stays open until exit (a coroutine that picked x before
-        it left may still hand it to a thread); its lock is dropped unless
-        I/O to it still hangs, which could land after a new copy of it."""
+        again: its lock, and for a block device its exclusive open. Unless
+        I/O to it still hangs, which could land after a new copy of it.
+
+        The fd number itself stays taken until exit (a coroutine that picked
+        x before it left may still hand it to a thread, and a closed number
+        could by then name another file, even the member added back): it is
+        pointed at /dev/null, read-only, so such a late call fails instead.
+        """
         if x.workers.busy:
             self._held.append(x)
             return
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            fcntl.flock(x.fd, fcntl.LOCK_UN)
-        except OSError:
-            pass
+            os.dup2(null, x.fd)  # drops the flock and O_EXCL with the old file
+        finally:
+            os.close(null)
 
     async def add(self, path: str, spare: bool = False) -> dict[str, Any]:
         """Add a member: rebuilt online, or a spare (`raid1fs add`).

@@ -131,6 +131,43 @@ def test_block_device_members(env):
         assert data_region_hash(dev) == hashlib.sha256(payload).hexdigest()
 
 
+def test_block_device_members_leave_and_come_back(env):
+    """A block device removed or replaced is let go at once (its exclusive
+    open too, not only its lock), so `add` takes the same device back, as
+    with md; nothing of the old open can reach the device afterwards."""
+    devs = []
+    for name in ("a.raw", "b.raw", "c.raw"):
+        p = env.path(name)
+        with open(p, "wb") as f:
+            f.truncate(40 * MiB)
+        devs.append(env.losetup(p))
+    a, b, c = devs
+    raid1fs("create", "--kind", "disk", a, b)
+    mnt = env.mount(a, b)
+    payload = os.urandom(MiB)
+    with open(mnt / "disk", "r+b") as f:
+        f.write(payload)
+    raid1fs("replace", mnt, a, c)
+    raid1fs("rebuild", "--wait", mnt)
+    r = raid1fs("add", "--spare", mnt, a, check=False)
+    assert r.returncode == 0, r.stderr
+    raid1fs("fail", mnt, b)  # the spare a takes over
+    raid1fs("remove", mnt, b)
+    raid1fs("rebuild", "--wait", mnt)
+    r = raid1fs("add", mnt, b, check=False)
+    assert r.returncode == 0, r.stderr
+    raid1fs("rebuild", "--wait", mnt)
+    st = status_json(mnt)
+    assert {x["path"]: x["state"] for x in st["members"]} == {
+        a: "online", b: "online", c: "online"}
+    with open(mnt / "disk", "r+b") as f:
+        f.seek(2 * MiB)
+        f.write(payload)
+    raid1fs("umount", mnt)
+    want = data_region_hash(a)
+    assert data_region_hash(b) == want and data_region_hash(c) == want
+
+
 def test_existing_member_starts_identical_to_new_one(env):
     """An existing image whose first 64 MiB are zeros passes the holds-data
     check even with data further in; create must still zero it, so both
