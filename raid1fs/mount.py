@@ -116,7 +116,18 @@ def prepare(req: MountRequest) -> tuple[str, Plan]:
     if req.io_timeout <= 0:
         raise UsageError("--io-timeout must be greater than zero")
     mp = check_mountpoint(req)
-    found = read_members(req.members, writable=not req.readonly)
+    members = req.members
+    if req.degraded:
+        # What the refusal without --degraded suggests: the same command with
+        # it. A named member that is not there is left out, and said so.
+        members = [p for p in req.members if os.path.exists(p)]
+        gone = [p for p in req.members if not os.path.exists(p)]
+        if not members:
+            raise BadMemberError(f"{gone[0]}: no such file or device")
+        for p in gone:
+            print(f"raid1fs: {os.path.abspath(p)}: not there; mounting without it "
+                  "(--degraded)", file=sys.stderr)
+    found = read_members(members, writable=not req.readonly)
     try:
         kinds = {f.sb.kind for f in found}
         if kinds != {"disk"}:
@@ -130,7 +141,9 @@ def prepare(req: MountRequest) -> tuple[str, Plan]:
 
 
 def fuse_options(req: MountRequest, name: str) -> set[str]:
-    opts = {"fsname=raid1fs:" + (name or "volume"), "subtype=raid1fs", "default_permissions"}
+    # libfuse splits -o at commas and takes a backslash as an escape.
+    fsname = (name or "volume").replace("\\", "\\\\").replace(",", "\\,")
+    opts = {"fsname=raid1fs:" + fsname, "subtype=raid1fs", "default_permissions"}
     for o in req.options:
         if o not in OUR_OPTIONS:
             opts.add(o)
@@ -183,12 +196,18 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
                                    owner_uid=os.getuid(), mountpoint=mountpoint)
     async with trio.open_nursery() as nursery:
         events.nursery = nursery
-        await volume.start(nursery)
+        # The FUSE mount first: a mount option it refuses must leave the
+        # members as they were (start() writes their metadata).
         try:
             pyfuse3.init(ops, mountpoint, fuse_options(req, plan.authority.name))
         except RuntimeError as e:
-            await volume.shutdown()
-            raise Raid1fsError(f"{mountpoint}: FUSE mount failed ({e})") from None
+            raise Raid1fsError(f"{mountpoint}: FUSE mount failed ({e}); check the -o "
+                               "options") from None
+        try:
+            await volume.start(nursery)
+        except BaseException:
+            pyfuse3.close(unmount=True)
+            raise
         try:
             await nursery.start(server.serve)
             nursery.start_soon(_announce_ready, mountpoint, ready)
@@ -290,11 +309,25 @@ def run(req: MountRequest) -> int:
     os._exit(0)
 
 
+async def _serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe) -> None:
+    """serve(), with an error of ours out of trio's exception group."""
+    try:
+        await serve(req, mountpoint, plan, ready)
+    except BaseExceptionGroup as group:
+        match, _ = group.split(Raid1fsError)
+        ours: BaseException | None = match
+        while isinstance(ours, BaseExceptionGroup) and len(ours.exceptions) == 1:
+            ours = ours.exceptions[0]
+        if isinstance(ours, Raid1fsError):
+            raise ours from group
+        raise
+
+
 def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int | None) -> int:
     status = 0
     ready = ReadyPipe(ready_fd)
     try:
-        trio.run(serve, req, mountpoint, plan, ready)
+        trio.run(_serve, req, mountpoint, plan, ready)
     except Raid1fsError as e:
         log.error("%s", e)
         if req.foreground:

@@ -412,3 +412,31 @@ def test_missing_member_needs_degraded(env):
     assert st["volume"]["state"] == "degraded"
     assert member_state(st, a) == "online"
     assert member_state(st, b) == "missing"
+    raid1fs("umount", mnt)
+    # The refusal's advice taken literally: the same command, --degraded.
+    r = raid1fs("mount", "--degraded", a, b, mnt, check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"{b}: not there" in r.stderr
+    assert member_state(status_json(mnt), b) == "missing"
+
+
+# ----- mount options and names ------------------------------------------------------
+
+def test_mount_option_fuse_refuses_changes_nothing(env):
+    """An -o option FUSE does not know fails the mount before any member is
+    written (their metadata would otherwise record a mount that never was)."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    mnt = env.mkdir("mnt")
+    before = snapshot(a, b)
+    line = assert_refused(mount("-o", "no_such_option", a, b, mnt), mnt)
+    assert "-o" in line
+    assert_unchanged(before)
+    assert not os.path.ismount(mnt)
+
+
+def test_volume_name_with_a_comma_mounts(env):
+    """The name goes into FUSE's comma-separated options (fsname): escaped."""
+    a, b = env.path("a.img"), env.path("b.img")
+    raid1fs("create", "--kind", "disk", "--size", SIZE, "--name", r"web,data\1", a, b)
+    mnt = env.mount(a, b)
+    assert status_json(mnt)["volume"]["name"] == r"web,data\1"
