@@ -220,6 +220,11 @@ class Volume:
                 return
             if clean is not None:
                 self.sb.clean = clean
+            if self.readonly:
+                # Members opened read-only: a failure marked here (by the
+                # operator, or after a read timeout) lasts for this mount.
+                self._durable_fail_gen = self._fail_gen
+                return
             while True:
                 self.sb.events += 1
                 for entry in self.sb.roster:

@@ -328,6 +328,15 @@ def test_readonly_mount(env):
     st = status_json(mnt)
     assert st["volume"]["state"] == "clean"
     assert st["volume"].get("readonly") is True
+    # fail works for this mount (reads leave the member) and writes nothing
+    r = raid1fs("fail", mnt, a, check=False)
+    assert r.returncode == 0, r.stderr
+    st = status_json(mnt)
+    assert member_state(st, a) == "failed" and st["volume"]["state"] == "degraded"
+    with open(mnt / "disk", "rb") as f:
+        assert f.read(MiB) == bytes(MiB)
+    r = raid1fs("add", mnt, env.path("c.img"), check=False)
+    assert r.returncode == 1 and "read-only" in r.stderr
     raid1fs("umount", mnt)
     assert {str(p): sha256(p) for p in (a, b)} == before
 
