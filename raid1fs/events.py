@@ -2,12 +2,14 @@
 
 The command runs through the shell with RAID1FS_EVENT, RAID1FS_VOLUME,
 RAID1FS_MEMBER (where a member is concerned) and RAID1FS_MOUNTPOINT in its
-environment. It runs in the background: a slow handler never stalls I/O.
+environment, in the directory `mount` ran in. Commands run in the background
+(a slow handler never stalls I/O), one at a time, in the order of the events.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import trio
@@ -21,28 +23,44 @@ EVENTS = (
 
 
 class EventSink:
-    def __init__(self, volume_uuid: str, mountpoint: str = "", command: str | None = None) -> None:
+    def __init__(self, volume_uuid: str, mountpoint: str = "", command: str | None = None,
+                 cwd: str = "/") -> None:
         self.volume_uuid = volume_uuid
         self.mountpoint = mountpoint
         self.command = command
-        self.nursery: trio.Nursery | None = None
+        self.cwd = cwd  # where `mount` ran: a relative command is found from there
         self.history: list[tuple[str, str]] = []
+        self._send, self._receive = trio.open_memory_channel[dict[str, str]](math.inf)
+        self._running = False
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run the command for each event from now on, one after another in
+        the order of the events (a handler sees member-failed before the
+        degraded it caused)."""
+        if self.command:
+            self._running = True
+            nursery.start_soon(self._runner)
 
     def emit(self, event: str, member: str = "", detail: str = "") -> None:
         assert event in EVENTS, event
         self.history.append((event, member))
         log.warning("event %s%s%s", event, f" member={member}" if member else "",
                     f": {detail}" if detail else "")
-        if self.command and self.nursery is not None:
+        if self._running:
             env = dict(os.environ, RAID1FS_EVENT=event, RAID1FS_VOLUME=self.volume_uuid,
                        RAID1FS_MEMBER=member, RAID1FS_MOUNTPOINT=self.mountpoint)
-            self.nursery.start_soon(self._run, env)
+            self._send.send_nowait(env)
+
+    async def _runner(self) -> None:
+        async for env in self._receive:
+            await self._run(env)
 
     async def _run(self, env: dict[str, str]) -> None:
         command: str = self.command or ""
+        cwd = self.cwd if os.path.isdir(self.cwd) else "/"
         try:
             result = await trio.run_process(command, shell=True, env=env,  # type: ignore[arg-type]
-                                            check=False,
+                                            check=False, cwd=cwd,
                                             stdin=b"", capture_stdout=False)
             if result.returncode:
                 log.warning("on-event command exited %d for %s", result.returncode,

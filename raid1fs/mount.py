@@ -49,6 +49,7 @@ class MountRequest:
     io_timeout: float = 30.0
     max_rebuild_rate: int | None = None
     on_event: str | None = None
+    cwd: str = field(default_factory=os.getcwd)  # where `mount` ran (the daemon runs in /)
     options: list[str] = field(default_factory=list)
 
     @property
@@ -163,7 +164,7 @@ def set_readahead(mountpoint: str) -> None:
 
 
 async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe) -> None:
-    events = EventSink(plan.authority.volume_uuid, mountpoint, req.on_event)
+    events = EventSink(plan.authority.volume_uuid, mountpoint, req.on_event, req.cwd)
     volume = Volume(plan, io_timeout=req.io_timeout, sync=req.sync, readonly=req.readonly,
                     events=events, max_rebuild_rate=req.max_rebuild_rate)
     ops = DiskOperations(volume, os.getuid(), os.getgid())
@@ -195,7 +196,7 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
     server = control.ControlServer(control.socket_path(mountpoint), handlers,
                                    owner_uid=os.getuid(), mountpoint=mountpoint)
     async with trio.open_nursery() as nursery:
-        events.nursery = nursery
+        events.start(nursery)
         # The FUSE mount first: a mount option it refuses must leave the
         # members as they were (start() writes their metadata).
         try:

@@ -14,6 +14,7 @@ import pytest
 from conftest import (
     NOBODY,
     MiB,
+    _unmount_raid1fs,
     member_state,
     one_line,
     raid1fs,
@@ -361,3 +362,22 @@ def test_sync_mount_round_trips_data(env):
             assert f.read(len(payload)) == payload
     raid1fs("umount", mnt)
     assert json.loads(raid1fs("status", "--json", a, b).stdout)["volume"]["state"] == "clean"
+
+
+def test_on_event_commands_run_in_order_from_where_mount_ran(env):
+    """A relative command (and what it writes) is found from the directory
+    `mount` ran in, although the mount process itself runs in /; handlers
+    run one at a time, in the order of the events, even when one is slow."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    script = env.path("ev.sh")
+    script.write_text('#!/bin/sh\n[ "$RAID1FS_EVENT" = member-failed ] && sleep 0.3\n'
+                      'echo "$RAID1FS_EVENT" >> events.log\n')
+    script.chmod(0o755)
+    mnt = env.mkdir("mnt")
+    raid1fs("mount", "--on-event", "./ev.sh", a, b, mnt, cwd=env.tmp)
+    env.cleanup.push(_unmount_raid1fs, str(mnt))
+    raid1fs("fail", mnt, a)
+    log = env.path("events.log")
+    wait_for(lambda: log.exists() and len(log.read_text().split()) >= 2, timeout=10,
+             what="two events in the log")
+    assert log.read_text().split() == ["member-failed", "degraded"]
