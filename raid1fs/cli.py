@@ -169,7 +169,8 @@ def cmd_umount(a: argparse.Namespace) -> int:
               "clean: the next mount resyncs what may differ", file=sys.stderr)
         return 0
     pid = st["daemon"]["pid"]
-    r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    r = subprocess.run(["fusermount3", "-u", os.path.realpath(mp)], capture_output=True,
+                       text=True)
     if r.returncode:
         msg = (r.stderr.strip().splitlines() or ["unmount failed"])[-1]
         msg = msg.removeprefix("fusermount3: ")
@@ -317,8 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
-        print(f"{PROG}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"{PROG}: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (status | head): no traceback, and none at
+        # exit when Python flushes stdout again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def check_mountpoint(req: MountRequest) -> str:
         raise BadMemberError(f"{req.mountpoint}: mount point is not a directory")
     if os.path.ismount(mp) or mounted_fstype(real):
         raise BadMemberError(f"{req.mountpoint}: something is already mounted there")
-    return mp
+    return real  # where the kernel mounts it: what status shows, what umount needs
 
 
 def prepare(req: MountRequest) -> tuple[str, Plan]:

@@ -7,6 +7,7 @@ import errno
 import json
 import mmap
 import os
+import subprocess
 import sys
 import threading
 
@@ -381,3 +382,31 @@ def test_on_event_commands_run_in_order_from_where_mount_ran(env):
     wait_for(lambda: log.exists() and len(log.read_text().split()) >= 2, timeout=10,
              what="two events in the log")
     assert log.read_text().split() == ["member-failed", "degraded"]
+
+
+def test_mount_point_named_through_a_symlink(env):
+    """Mounted through a symlink, a relative one: status shows the real
+    directory, and both names reach the mount (status, umount)."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    mnt = env.mkdir("mnt")
+    os.symlink("mnt", env.path("link"))
+    raid1fs("mount", a, b, "link/", cwd=env.tmp)
+    env.cleanup.push(_unmount_raid1fs, str(mnt))
+    assert status_json(env.path("link"))["volume"]["mountpoint"] == str(mnt)
+    raid1fs("umount", "link", cwd=env.tmp)
+    assert not os.path.ismount(mnt)
+    assert status_json(a, b)["volume"]["clean_shutdown"] is True
+
+
+def test_status_into_a_closed_pipe_prints_no_traceback(env):
+    """`raid1fs status --json ... | head -c1`: the reader goes away early
+    (here before status writes anything)."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    for _ in range(3):
+        p = subprocess.Popen([sys.executable, "-m", "raid1fs", "status", "--json", a, b],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout is not None and p.stderr is not None
+        p.stdout.close()
+        err = p.stderr.read().decode()
+        p.wait(timeout=30)
+        assert err == "", err
