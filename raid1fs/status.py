@@ -73,7 +73,10 @@ def format_human(st: dict[str, Any]) -> str:
     lines = [
         f"  volume: {v['name'] or '-'}  ({v['uuid']})",
         f"    kind: {v['kind']}, {format_size(v['size'])}, "
-        f"{v['members_expected']}-way mirror, checksums {'on' if v['checksums'] else 'off'}",
+        f"{v['members_expected']}-way mirror, "
+        + ("checksums on" if v["checksums"] else
+           "checksums not yet kept (room reserved)" if v.get("checksum_area") else
+           "no checksums"),
         f"   state: {v['state'].upper()}",
     ]
     if v.get("mounted"):

@@ -1076,7 +1076,10 @@ class Volume:
                 "uuid": self.sb.volume_uuid, "name": self.sb.name, "kind": self.sb.kind,
                 "state": self.state, "members_expected": self.sb.members_expected,
                 "mounted": self.mounted, "size": self.size, "events": self.sb.events,
-                "checksums": self.sb.checksums, "readonly": self.readonly,
+                # Room for per-block checksums is reserved at create (unless
+                # --no-checksums); nothing writes or checks them yet.
+                "checksums": False, "checksum_area": self.sb.checksums,
+                "readonly": self.readonly,
                 "io_timeout": self.io_timeout, "max_rebuild_rate": self.throttle.rate,
                 "regions": {"region_bytes": self.regions.region,
                             "intent_bytes": self.regions.bytes_of(self.regions.intent),
