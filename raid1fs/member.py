@@ -182,7 +182,9 @@ async def fanout(members: list[Member], op: str,
     """Run call(member) on every member at once (one batch, one wake-up).
 
     Returns the results in member order (None where it failed) and the
-    members that failed, each with its MemberIOError.
+    members that failed, each with its MemberIOError. Every fan-out writes
+    (data, metadata, bitmaps, flushes): a failure counts as a write error
+    of its member (status's WRITE column).
     """
     if not members:
         return [], {}
@@ -199,6 +201,7 @@ async def fanout(members: list[Member], op: str,
             out.append(x._outcome(op, r, e, f))
         except MemberIOError as err:
             failed[x] = err
+            x.stats.write_errors += 1
             out.append(None)
     return out, failed
 

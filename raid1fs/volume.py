@@ -498,9 +498,7 @@ class Volume:
                 pwrite_full, (x.fd, data, x.data_offset + offset, self.sync)),
                 quick=QUICK_WAIT if len(data) <= QUICK_MAX and not self.sync else 0)
             for x in targets:
-                if x in errors:
-                    x.stats.write_errors += 1
-                else:
+                if x not in errors:
                     x.stats.writes += 1
             await self._settle(targets, errors, f"write at {offset}")
         finally:
@@ -513,8 +511,6 @@ class Volume:
             raise VolumeIOError("no member is online")
         sync = os.fdatasync if datasync else os.fsync
         _, errors = await fanout(targets, "fsync", lambda x: (sync, (x.fd,)))
-        for x in errors:
-            x.stats.write_errors += 1
         await self._settle(targets, errors, "fsync")
 
     async def read(self, offset: int, length: int) -> bytes:

@@ -172,6 +172,7 @@ def test_hung_member_does_not_wedge_the_volume(env):
     st = status_json(mnt)
     assert member_state(st, a) == "failed"
     assert "timeout" in (member_entry(st, a)["fail_reason"])
+    assert member_entry(st, a)["errors"]["write"] >= 1
     drop_cache(mnt / "disk")
     with open(mnt / "disk", "rb") as f:
         assert f.read(4096) == b"x" * 4096
@@ -194,7 +195,10 @@ def test_failed_member_is_stale_at_next_mount(env):
         f.write(b"new" * 1000)
         f.flush()
         os.fsync(f.fileno())
-    assert member_state(status_json(mnt), a) == "failed"
+    st = status_json(mnt)
+    assert member_state(st, a) == "failed"
+    # whichever write failed it (bitmap, data or flush) counts in WRITE
+    assert member_entry(st, a)["errors"]["write"] >= 1
     faultfs("set", ffs, "ok")
     raid1fs("umount", mnt)
 
