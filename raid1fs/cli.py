@@ -200,6 +200,7 @@ def cmd_status(a: argparse.Namespace) -> int:
             st = control.request(a.paths[0], "status", timeout=30)
         else:
             st = S.offline_status(a.paths)
+            st = S.live_status(st) or st  # members of a running mount: ask it
     except Raid1fsError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return S.EXIT_UNKNOWN

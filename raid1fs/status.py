@@ -11,6 +11,7 @@ from typing import Any
 
 from raid1fs.assemble import Found, assemble, close_all, read_members
 from raid1fs.bitmap import Bitmap
+from raid1fs.errors import Raid1fsError
 from raid1fs.sizes import format_size
 from raid1fs.superblock import REBUILDING, read_bitmaps
 from raid1fs.volume import CLEAN, Volume
@@ -33,6 +34,7 @@ def offline_status(paths: list[str]) -> dict[str, Any]:
         st = volume.status()
         st["volume"]["clean_shutdown"] = plan.authority.clean
         st["volume"]["in_use"] = in_use
+        st["volume"]["mounted"] = bool(in_use)  # by a mount that did not answer
         _bitmaps(st, volume, found)
         problems = {f.path: f.problems for f in found if f.problems}
         for mem in st["members"]:
@@ -64,7 +66,41 @@ def _bitmaps(st: dict[str, Any], volume: Volume, found: list[Found]) -> None:
             v["state"] = REBUILDING  # not in sync until the next mount resyncs
 
 
+def raid1fs_mounts() -> list[str]:
+    """Mount points of the raid1fs mounts this process can see."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[fields.index("-") + 1] == "fuse.raid1fs":
+                    out.append(fields[4].encode().decode("unicode_escape"))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def live_status(st: dict[str, Any]) -> dict[str, Any] | None:
+    """The status of the running mount of this offline view's volume, if
+    its members are held by one that answers (whose member metadata lags
+    behind what it knows)."""
+    from raid1fs import control  # (the offline path needs no sockets otherwise)
+
+    if not st["volume"].get("in_use"):
+        return None
+    for mp in raid1fs_mounts():
+        try:
+            live = control.request(mp, "status", timeout=5)
+        except (Raid1fsError, OSError, ValueError, KeyError, TypeError):  # not ours
+            continue
+        if live["volume"]["uuid"] == st["volume"]["uuid"]:
+            return dict(live)
+    return None
+
+
 def exit_status(st: dict[str, Any]) -> int:
+    if st["volume"].get("in_use"):
+        return EXIT_UNKNOWN  # a mount we could not reach holds them
     return EXIT_IN_SYNC if st["volume"]["state"] == CLEAN else EXIT_NOT_IN_SYNC
 
 
@@ -79,11 +115,13 @@ def format_human(st: dict[str, Any]) -> str:
            "no checksums"),
         f"   state: {v['state'].upper()}",
     ]
-    if v.get("mounted"):
+    if v.get("mounted") and not v.get("in_use"):
         lines.append(f" mounted: {v.get('mountpoint', 'yes')}"
                      + (" (read-only)" if v.get("readonly") else ""))
     elif v.get("in_use"):
-        lines.append(f" mounted: yes, by a running mount holding {', '.join(v['in_use'])}")
+        lines.append(f" mounted: yes, by a running mount holding {', '.join(v['in_use'])}, "
+                     "which did not answer: what follows is its members' metadata, "
+                     "which may lag behind")
     else:
         shut = "clean" if v.get("clean_shutdown") else "NOT clean (stopped without unmounting)"
         lines.append(f" mounted: no; last shutdown {shut}")
