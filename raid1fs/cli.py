@@ -280,7 +280,8 @@ def _rebuild_online(a: argparse.Namespace) -> int:
         kind = "full rebuild" if r["kind"] == "full" else "resync"
         print(f"{r['path']}: {kind} {r['action']}, {format_size(r['left_bytes'])} to copy")
     st = control.request(mp, "status", timeout=30)
-    if not progress.rebuilding(st) and not started:
+    idle = not progress.rebuilding(st) and not started
+    if idle:
         state = st["volume"]["state"]
         print("nothing to rebuild: " + ("every member is in sync" if state == "clean"
                                         else f"the volume is {state}"))
@@ -294,7 +295,8 @@ def _rebuild_online(a: argparse.Namespace) -> int:
             st = control.request(mp, "status", timeout=30)
     finally:
         printer.finish()
-    code, lines = progress.outcome(st)
+    # (no summary of a rebuild that ended before this command)
+    code, lines = progress.outcome(st, finished=not idle)
     for line in lines:
         print(line)
     return code

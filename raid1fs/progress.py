@@ -74,12 +74,13 @@ class Printer:
             self.drawn = False
 
 
-def outcome(st: dict[str, Any]) -> tuple[int, list[str]]:
-    """Exit status and lines to print once no rebuild runs any more."""
+def outcome(st: dict[str, Any], finished: bool = True) -> tuple[int, list[str]]:
+    """Exit status and lines to print once no rebuild runs any more;
+    `finished`: say what the rebuilds this command waited for did."""
     lines = []
     for mem in st["members"]:
         last = mem.get("last_rebuild")
-        if last:
+        if last and finished:
             lines.append(f"{mem['path']}: {last['kind']} done, {format_size(last['copied_bytes'])}"
                          f" copied in {last['seconds']:.1f} s")
         rb = mem.get("rebuild")

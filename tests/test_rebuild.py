@@ -613,6 +613,19 @@ def test_rebuild_wait_on_a_clean_volume(env):
     assert all(m["rebuild"] is None and m["last_rebuild"] is None for m in st["members"])
 
 
+def test_rebuild_wait_after_a_finished_rebuild_says_only_nothing_to_do(env):
+    """A rebuild that ended before `rebuild --wait` ran (say, the one `add`
+    started) is not reported again as if this command had waited for it."""
+    (a, b), mnt = env.volume(size="16M")
+    c = env.path("c.img")
+    raid1fs("add", mnt, c)
+    wait_for(lambda: member_state(status_json(mnt), c) == "online", timeout=30,
+             what="the added member online")
+    r = raid1fs("rebuild", "--wait", mnt)
+    assert r.stdout.splitlines() == ["nothing to rebuild: every member is in sync",
+                                     "volume clean"], r.stdout
+
+
 def test_rebuild_wait_on_a_degraded_volume_exits_1(env):
     """`rebuild --wait` leaves a failed member alone (it is re-added with
     `add`): exit 1, says the volume is degraded, and the member stays failed."""
