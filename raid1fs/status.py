@@ -88,18 +88,22 @@ def live_status(st: dict[str, Any]) -> dict[str, Any] | None:
 
     if not st["volume"].get("in_use"):
         return None
+    silent = False
     for mp in raid1fs_mounts():
         try:
             live = control.request(mp, "status", timeout=5)
-        except (Raid1fsError, OSError, ValueError, KeyError, TypeError):  # not ours
-            continue
-        if live["volume"]["uuid"] == st["volume"]["uuid"]:
-            return dict(live)
+            if live["volume"]["uuid"] == st["volume"]["uuid"]:
+                return dict(live)
+        except (Raid1fsError, OSError, ValueError, KeyError, TypeError):
+            silent = True  # could be ours
+    # Every mount answered and none is of this volume: the holder is not a
+    # mount (an offline command, or a mount process still exiting).
+    st["volume"]["mounted"] = silent
     return None
 
 
 def exit_status(st: dict[str, Any]) -> int:
-    if st["volume"].get("in_use"):
+    if st["volume"].get("in_use") and st["volume"].get("mounted"):
         return EXIT_UNKNOWN  # a mount we could not reach holds them
     return EXIT_IN_SYNC if st["volume"]["state"] == CLEAN else EXIT_NOT_IN_SYNC
 
@@ -118,10 +122,13 @@ def format_human(st: dict[str, Any]) -> str:
     if v.get("mounted") and not v.get("in_use"):
         lines.append(f" mounted: {v.get('mountpoint', 'yes')}"
                      + (" (read-only)" if v.get("readonly") else ""))
-    elif v.get("in_use"):
+    elif v.get("in_use") and v.get("mounted"):
         lines.append(f" mounted: yes, by a running mount holding {', '.join(v['in_use'])}, "
                      "which did not answer: what follows is its members' metadata, "
                      "which may lag behind")
+    elif v.get("in_use"):
+        lines.append(f" mounted: no, but {', '.join(v['in_use'])} held by another raid1fs "
+                     "process (an offline command, or a mount still exiting)")
     else:
         shut = "clean" if v.get("clean_shutdown") else "NOT clean (stopped without unmounting)"
         lines.append(f" mounted: no; last shutdown {shut}")
