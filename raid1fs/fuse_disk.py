@@ -41,6 +41,16 @@ class DiskOperations(pyfuse3.Operations):
             DISK: {"mode": stat.S_IFREG | 0o600, "uid": uid, "gid": gid, "atime": now_ns,
                    "mtime": now_ns, "ctime": now_ns},
         }
+        kept = volume.sb.attrs  # what chmod/chown/utimens set before
+        disk = self.attrs[DISK]
+        if "mode" in kept:
+            disk["mode"] = stat.S_IFREG | (kept["mode"] & 0o7777)
+        for key in ("uid", "gid"):
+            if key in kept:
+                disk[key] = kept[key]
+        for key in ("atime", "mtime"):
+            if key + "_ns" in kept:
+                disk[key] = kept[key + "_ns"]
 
     def _entry(self, inode: int) -> pyfuse3.EntryAttributes:
         a = self.attrs[inode]
@@ -103,16 +113,31 @@ class DiskOperations(pyfuse3.Operations):
                                      or fields.update_gid):
             raise pyfuse3.FUSEError(errno.EROFS)
         now = time.time_ns()
+        new: dict[str, int] = {}
         if fields.update_mode:
-            a["mode"] = (a["mode"] & ~0o7777) | (attr.st_mode & 0o7777)
+            new["mode"] = attr.st_mode & 0o7777
         if fields.update_uid:
-            a["uid"] = attr.st_uid
+            new["uid"] = attr.st_uid
         if fields.update_gid:
-            a["gid"] = attr.st_gid
+            new["gid"] = attr.st_gid
         if fields.update_atime:
-            a["atime"] = attr.st_atime_ns
+            new["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
-            a["mtime"] = attr.st_mtime_ns
+            new["mtime_ns"] = attr.st_mtime_ns
+        if inode == DISK and new:
+            try:
+                await self.volume.set_attrs(new)  # on every member first
+            except Raid1fsError as e:
+                log.error("setattr: %s", e)
+                raise pyfuse3.FUSEError(e.errno) from None
+        if "mode" in new:
+            a["mode"] = (a["mode"] & ~0o7777) | new["mode"]
+        for key in ("uid", "gid"):
+            if key in new:
+                a[key] = new[key]
+        for key in ("atime", "mtime"):
+            if key + "_ns" in new:
+                a[key] = new[key + "_ns"]
         a["ctime"] = now
         return self._entry(inode)
 

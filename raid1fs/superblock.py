@@ -142,6 +142,9 @@ class Superblock:
     # names every region written since, while any member was away. A member
     # whose own counter is older needs a full rebuild.
     missed_since: int = 0
+    # What chmod, chown and utimens set on the mount's `disk` file: "mode"
+    # (permission bits), "uid", "gid", "atime_ns", "mtime_ns"; each optional.
+    attrs: dict[str, int] = field(default_factory=dict)
     format: int = FORMAT
     seq: int = 0  # not part of the JSON: lives in the header
 
@@ -150,7 +153,8 @@ class Superblock:
         return str(uuidlib.uuid4())
 
     def copy(self) -> Superblock:
-        return dataclasses.replace(self, roster=[dataclasses.replace(s) for s in self.roster])
+        return dataclasses.replace(self, roster=[dataclasses.replace(s) for s in self.roster],
+                                   attrs=dict(self.attrs))
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -160,7 +164,7 @@ class Superblock:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Superblock:
         names = {f.name for f in dataclasses.fields(cls)} - {"seq", "roster"}
-        optional = {"format", "missed_since"}
+        optional = {"format", "missed_since", "attrs"}
         missing = [n for n in names if n not in d and n not in optional]
         if missing:
             raise ValueError(f"fields missing: {', '.join(sorted(missing))}")

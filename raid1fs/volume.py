@@ -255,6 +255,16 @@ class Volume:
                 for x, e in errors.items():
                     self._mark_failed(x, e.reason)
 
+    async def set_attrs(self, attrs: dict[str, int]) -> None:
+        """Record the `disk` file's attributes (chmod, chown, utimens) on
+        every member (guarantee 1: they outlive the mount)."""
+        def change(sb: Superblock) -> bool:
+            if all(sb.attrs.get(k) == v for k, v in attrs.items()):
+                return False
+            sb.attrs.update(attrs)
+            return True
+        await self._commit(change)
+
     def _failer(self, errors: dict[Member, MemberIOError]) -> Callable[[Superblock], bool]:
         """A roster change failing every member in `errors`; True if any was new."""
         def change(sb: Superblock) -> bool:

@@ -8,6 +8,7 @@ import json
 import mmap
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from conftest import (
 )
 
 from raid1fs import control
+from raid1fs.superblock import read_superblock
 
 
 def member(st: dict, path) -> dict:
@@ -436,3 +438,32 @@ def test_status_of_members_of_a_running_mount(env):
         assert r.returncode == 3 and "did not answer" in r.stdout
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_disk_attributes_outlive_the_mount(env):
+    """chmod, chown and utimens on `disk` are written to every member before
+    they return (guarantee 1), so a remount shows them again."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    mnt = env.mount(a, b)
+    disk = mnt / "disk"
+    os.chmod(disk, 0o640)
+    os.chown(disk, 1234, 5678)
+    os.utime(disk, ns=(1_600_000_000_000_000_000, 1_500_000_000_000_000_000))
+    events = status_json(mnt)["volume"]["events"]
+    for p in (a, b):  # on each member on its own, already while mounted
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            sb, _ = read_superblock(fd, str(p))
+        finally:
+            os.close(fd)
+        assert sb.attrs == {"mode": 0o640, "uid": 1234, "gid": 5678,
+                            "atime_ns": 1_600_000_000_000_000_000,
+                            "mtime_ns": 1_500_000_000_000_000_000}, sb.attrs
+    os.chmod(disk, 0o640)  # no change: nothing written
+    assert status_json(mnt)["volume"]["events"] == events
+    raid1fs("umount", mnt)
+    mnt = env.mount(a, b)
+    st = os.stat(mnt / "disk")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 1234, 5678)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_600_000_000_000_000_000,
+                                                1_500_000_000_000_000_000)
