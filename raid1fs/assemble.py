@@ -63,6 +63,7 @@ class Plan:
     authority: Superblock
     members: list[Found]
     missing: list[tuple[int, str]]  # (slot, last known path) of absent active members
+    split_brain: tuple[str, str] | None = None  # (offline status) two members changed apart
 
 
 def identity(path: str) -> tuple[object, ...]:
@@ -183,6 +184,7 @@ def assemble(
     With strict=False (offline status) nothing is refused; the plan reports.
     """
     authority = max(found, key=lambda f: f.sb.events)
+    split_brain = None
     if prefer is not None:
         pref = os.path.abspath(prefer)
         chosen = [f for f in found if f.path == pref]
@@ -191,12 +193,14 @@ def assemble(
         authority = chosen[0]
     else:
         split = find_split_brain(found)
-        if split and strict:
+        if split:
             a, b = split[0]
-            raise SplitBrainError(
-                f"split brain: {a.path} and {b.path} were changed apart from each other "
-                f"(each mounted without the other); choose the one that wins with --prefer"
-            )
+            split_brain = (a.path, b.path)
+            if strict:
+                raise SplitBrainError(
+                    f"split brain: {a.path} and {b.path} were changed apart from each other "
+                    "(each mounted without the other); mount with --prefer MEMBER to choose "
+                    "the one that wins")
     roster = authority.sb
     for f in found:
         entry = roster.roster_entry(f.sb.member_uuid)
@@ -224,5 +228,5 @@ def assemble(
         raise AssemblyError(
             f"{found[0].path}: no in-sync member among those given (all stale or spare)"
         )
-    return Plan(roster, found, missing)
+    return Plan(roster, found, missing, split_brain)
 

@@ -72,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite members that hold data")
     c.add_argument("members", nargs="+", metavar="MEMBER")
 
-    m = sub.add_parser("mount", help="assemble and mount a volume")
+    m = sub.add_parser("mount", help="assemble and mount a volume",
+                       usage=f"{PROG} mount [-h] [-f] [--degraded] [--prefer MEMBER]\n"
+                       "                     [--io-timeout SECONDS] [--max-rebuild-rate RATE]\n"
+                       "                     [--on-event CMD] [-o OPT[,OPT...]]\n"
+                       "                     MEMBER [MEMBER...] MOUNTPOINT")
     m.add_argument("-f", "--foreground", action="store_true")
     m.add_argument("--degraded", action="store_true", help="mount even if a member is missing")
     m.add_argument("--prefer", metavar="MEMBER", help="the member that wins a split brain")

@@ -106,7 +106,8 @@ def check_mountpoint(req: MountRequest) -> str:
         if rp.startswith(real.rstrip("/") + "/"):
             raise BadMemberError(f"{p}: member lies under the mount point {req.mountpoint}")
     if not os.path.isdir(mp):
-        raise BadMemberError(f"{req.mountpoint}: mount point is not a directory")
+        raise BadMemberError(f"{req.mountpoint}: mount point is not a directory (the mount "
+                             "point comes last, after the members)")
     if os.path.ismount(mp) or mounted_fstype(real):
         raise BadMemberError(f"{req.mountpoint}: something is already mounted there")
     return real  # where the kernel mounts it: what status shows, what umount needs

@@ -33,6 +33,8 @@ def offline_status(paths: list[str]) -> dict[str, Any]:
         volume = Volume(plan)
         st = volume.status()
         st["volume"]["clean_shutdown"] = plan.authority.clean
+        if plan.split_brain:
+            st["volume"]["split_brain"] = list(plan.split_brain)
         st["volume"]["in_use"] = in_use
         st["volume"]["mounted"] = bool(in_use)  # by a mount that did not answer
         _bitmaps(st, volume, found)
@@ -133,6 +135,10 @@ def format_human(st: dict[str, Any]) -> str:
         shut = "clean" if v.get("clean_shutdown") else "NOT clean (stopped without unmounting)"
         lines.append(f" mounted: no; last shutdown {shut}")
     lines.append(f"  events: {v['events']}")
+    if v.get("split_brain"):
+        a, b = v["split_brain"]
+        lines.append(f"   split: {a} and {b} were changed apart from each other; mount "
+                     "with --prefer MEMBER to choose the one that wins")
     if v.get("resync_pending_bytes"):
         lines.append(f"  resync: {format_size(v['resync_pending_bytes'])} where writes were in "
                      "flight may differ between members; the next mount resyncs it")

@@ -81,6 +81,13 @@ def test_split_brain_is_refused_and_prefer_resolves_it(env):
     assert len(r.stderr.strip().splitlines()) == 1
     assert [open(p, "rb").read() for p in (a, b)] == before  # nothing written
     assert not os.path.ismount(mnt)
+    # The offline view and the offline rebuild say so too, and how to settle it.
+    st = status_json(a, b)
+    assert sorted(st["volume"]["split_brain"]) == sorted([str(a), str(b)])
+    assert "split: " in raid1fs("status", a, b, check=False).stdout
+    r = raid1fs("rebuild", a, b, check=False)
+    assert r.returncode != 0 and "mount with --prefer MEMBER" in r.stderr, r.stderr
+    assert [open(p, "rb").read() for p in (a, b)] == before
 
     env.mount(b, a, opts=["--prefer", str(b)])
     assert _read(mnt, MiB) == b"B" * MiB
