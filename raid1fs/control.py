@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,34 @@ def run_dir() -> str:
         return "/run/raid1fs"
     return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/raid1fs-{os.getuid()}",
                         "raid1fs")
+
+
+def _unescape(field: bytes) -> str:
+    """A mountinfo field: octal escapes (\\040 for a space), then the bytes
+    as a file name."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
+
+
+def fsname(volume_name: str) -> str:
+    """The source a raid1fs mount shows in mountinfo: raid1fs:NAME, in ASCII
+    (pyfuse3 passes mount options as ASCII; other letters become '?')."""
+    return "raid1fs:" + (volume_name or "volume").encode("ascii", "replace").decode()
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(mount point, file system type, source) of every mount this process
+    sees, from /proc/self/mountinfo."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index(b"-")
+                out.append((_unescape(fields[4]), os.fsdecode(fields[sep + 1]),
+                            _unescape(fields[sep + 2])))
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
 
 
 def mount_key(mountpoint: str) -> str:

@@ -3,7 +3,9 @@
 The command runs through the shell with RAID1FS_EVENT, RAID1FS_VOLUME,
 RAID1FS_MEMBER (where a member is concerned) and RAID1FS_MOUNTPOINT in its
 environment, in the directory `mount` ran in. Commands run in the background
-(a slow handler never stalls I/O), one at a time, in the order of the events.
+(a slow handler never stalls I/O), one at a time, in the order of the events;
+one still running after COMMAND_TIMEOUT is stopped, and at unmount what is
+queued gets a few seconds to be delivered.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ EVENTS = (
 )
 
 
+COMMAND_TIMEOUT = 60  # seconds an --on-event command may run; later events wait for it
+
+
 class EventSink:
     def __init__(self, volume_uuid: str, mountpoint: str = "", command: str | None = None,
                  cwd: str = "/") -> None:
@@ -32,6 +37,7 @@ class EventSink:
         self.history: list[tuple[str, str]] = []
         self._send, self._receive = trio.open_memory_channel[dict[str, str]](math.inf)
         self._running = False
+        self._done = trio.Event()  # the runner has delivered everything queued
 
     def start(self, nursery: trio.Nursery) -> None:
         """Run the command for each event from now on, one after another in
@@ -54,15 +60,35 @@ class EventSink:
     async def _runner(self) -> None:
         async for env in self._receive:
             await self._run(env)
+        self._done.set()
+
+    async def drain(self, grace: float) -> None:
+        """At unmount: deliver what is queued (the events of the shutdown
+        itself too), waiting at most `grace` seconds; say what was lost."""
+        if not self._running:
+            return
+        self._running = False
+        self._send.close()
+        with trio.move_on_after(grace):
+            await self._done.wait()
+        left = self._receive.statistics().current_buffer_used
+        if not self._done.is_set():
+            log.warning("on-event: unmounting with %d event(s) not delivered", left + 1)
 
     async def _run(self, env: dict[str, str]) -> None:
         command: str = self.command or ""
         cwd = self.cwd if os.path.isdir(self.cwd) else "/"
+        result = None
         try:
-            result = await trio.run_process(command, shell=True, env=env,  # type: ignore[arg-type]
-                                            check=False, cwd=cwd,
-                                            stdin=b"", capture_stdout=False)
-            if result.returncode:
+            with trio.move_on_after(COMMAND_TIMEOUT):
+                result = await trio.run_process(
+                    command, shell=True, env=env,  # type: ignore[arg-type]
+                    check=False, cwd=cwd, stdin=b"", capture_stdout=False)
+            if result is None:
+                log.warning("on-event command still running after %d s for %s: stopped, so "
+                            "that later events get through", COMMAND_TIMEOUT,
+                            env["RAID1FS_EVENT"])
+            elif result.returncode:
                 log.warning("on-event command exited %d for %s", result.returncode,
                             env["RAID1FS_EVENT"])
         except OSError as e:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -139,10 +138,12 @@ async def run_batch(calls: list[tuple[Workers, Callable[..., Any], tuple]], time
         waiter = batch.waiter = threading.Lock()
         waiter.acquire()
         done = False
+        raised = True
         try:
             for i, (workers, fn, args) in enumerate(calls):
                 workers.submit(batch, i, fn, args)
             done = waiter.acquire(timeout=quick)
+            raised = False
         finally:
             with batch.lock:
                 # Whoever finishes after this writes the eventfd instead.
@@ -150,7 +151,7 @@ async def run_batch(calls: list[tuple[Workers, Callable[..., Any], tuple]], time
                 batch.waiter = None
             if done:
                 _free.append(batch.fd)
-            elif sys.exc_info()[0] is not None:
+            elif raised:
                 _abandoned.append(batch)
         if done:
             return batch.results, batch.errors, [True] * len(calls)

@@ -3,8 +3,10 @@
     check the mount point and assemble the members (raid1fs.assemble)
     daemonise unless -f (the parent waits until the mount is usable and
         reports any error that happened before that)
+    mount the FUSE file system (no request is served yet), so that an
+        option FUSE refuses leaves every member as it was
     mark every online member dirty (the event counter rises)
-    mount the FUSE file system, start the control channel
+    start the control channel, serve
     serve until the kernel says the file system was unmounted (by
         `raid1fs umount`, `fusermount3 -u` or `umount`) or SIGTERM/SIGINT
     make every member durable and mark it clean, then exit
@@ -39,6 +41,16 @@ READAHEAD_KB = 1024  # FUSE requests are at most 1 MiB: make readahead use them
 OUR_OPTIONS = {"ro", "sync"}
 
 
+EVENT_GRACE = 10.0  # seconds queued --on-event commands get at unmount
+
+
+def _cwd() -> str:
+    try:
+        return os.getcwd()
+    except OSError:  # run from a directory since deleted
+        return "/"
+
+
 @dataclass
 class MountRequest:
     members: list[str]
@@ -49,7 +61,7 @@ class MountRequest:
     io_timeout: float = 30.0
     max_rebuild_rate: int | None = None
     on_event: str | None = None
-    cwd: str = field(default_factory=os.getcwd)  # where `mount` ran (the daemon runs in /)
+    cwd: str = field(default_factory=lambda: _cwd())  # where `mount` ran (the daemon runs in /)
     options: list[str] = field(default_factory=list)
 
     @property
@@ -63,15 +75,9 @@ class MountRequest:
 
 def mounted_fstype(path: str) -> str | None:
     """The type of the file system mounted exactly at `path`, if any."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                if fields[4].encode().decode("unicode_escape") == path:
-                    return fields[sep + 1]
-    except (OSError, ValueError):
-        pass
+    for mp, fstype, _ in control.mounts():
+        if mp == path:
+            return fstype
     return None
 
 
@@ -91,6 +97,17 @@ def clear_dead_mount(mp: str) -> None:
     r = subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, text=True)
     if r.returncode == 0:
         print(f"raid1fs: note: detached the dead raid1fs mount left at {mp}", file=sys.stderr)
+
+
+def _not_there(path: str) -> bool:
+    """No such file (any other error is left for the member checks to name)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 def check_mountpoint(req: MountRequest) -> str:
@@ -122,8 +139,8 @@ def prepare(req: MountRequest) -> tuple[str, Plan]:
     if req.degraded:
         # What the refusal without --degraded suggests: the same command with
         # it. A named member that is not there is left out, and said so.
-        members = [p for p in req.members if os.path.exists(p)]
-        gone = [p for p in req.members if not os.path.exists(p)]
+        gone = [p for p in req.members if _not_there(p)]
+        members = [p for p in req.members if p not in gone]
         if not members:
             raise BadMemberError(f"{gone[0]}: no such file or device")
         for p in gone:
@@ -144,8 +161,8 @@ def prepare(req: MountRequest) -> tuple[str, Plan]:
 
 def fuse_options(req: MountRequest, name: str) -> set[str]:
     # libfuse splits -o at commas and takes a backslash as an escape.
-    fsname = (name or "volume").replace("\\", "\\\\").replace(",", "\\,")
-    opts = {"fsname=raid1fs:" + fsname, "subtype=raid1fs", "default_permissions"}
+    fsname = control.fsname(name).replace("\\", "\\\\").replace(",", "\\,")
+    opts = {"fsname=" + fsname, "subtype=raid1fs", "default_permissions"}
     for o in req.options:
         if o not in OUR_OPTIONS:
             opts.add(o)
@@ -226,6 +243,7 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
                     log.error("shutdown: %s", e)
                 pyfuse3.close(unmount=True)
                 log.info("members clean; exiting")
+                await events.drain(grace=EVENT_GRACE)
             nursery.cancel_scope.cancel()
 
 
@@ -316,7 +334,9 @@ async def _serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPip
     try:
         await serve(req, mountpoint, plan, ready)
     except BaseExceptionGroup as group:
-        match, _ = group.split(Raid1fsError)
+        match, rest = group.split(Raid1fsError)
+        if rest is not None:
+            raise  # something else went wrong too: the whole group, logged in full
         ours: BaseException | None = match
         while isinstance(ours, BaseExceptionGroup) and len(ours.exceptions) == 1:
             ours = ours.exceptions[0]
@@ -338,7 +358,11 @@ def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int |
         status = e.exit_code
     except BaseException as e:  # report, never hang the parent
         log.exception("mount process failed")
-        ready.send(f"error: {req.mountpoint}: mount process failed: {e}")
+        leaf: BaseException = e
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        ready.send(f"error: {req.mountpoint}: mount process failed: "
+                   f"{type(leaf).__name__}: {leaf} (see {log_path(mountpoint)})")
         status = 1
     logging.shutdown()
     sys.stdout.flush()

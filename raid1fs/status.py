@@ -68,39 +68,34 @@ def _bitmaps(st: dict[str, Any], volume: Volume, found: list[Found]) -> None:
             v["state"] = REBUILDING  # not in sync until the next mount resyncs
 
 
-def raid1fs_mounts() -> list[str]:
-    """Mount points of the raid1fs mounts this process can see."""
-    out = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[fields.index("-") + 1] == "fuse.raid1fs":
-                    out.append(fields[4].encode().decode("unicode_escape"))
-    except (OSError, ValueError):
-        pass
-    return out
-
-
 def live_status(st: dict[str, Any]) -> dict[str, Any] | None:
     """The status of the running mount of this offline view's volume, if
     its members are held by one that answers (whose member metadata lags
     behind what it knows)."""
     from raid1fs import control  # (the offline path needs no sockets otherwise)
 
-    if not st["volume"].get("in_use"):
+    v = st["volume"]
+    if not v.get("in_use"):
         return None
     silent = False
-    for mp in raid1fs_mounts():
+    for mp, fstype, source in control.mounts():
+        if fstype != "fuse.raid1fs" or source != control.fsname(v["name"]):
+            continue  # not a mount of this volume (its name is in the source)
         try:
             live = control.request(mp, "status", timeout=5)
-            if live["volume"]["uuid"] == st["volume"]["uuid"]:
-                return dict(live)
-        except (Raid1fsError, OSError, ValueError, KeyError, TypeError):
-            silent = True  # could be ours
-    # Every mount answered and none is of this volume: the holder is not a
-    # mount (an offline command, or a mount process still exiting).
-    st["volume"]["mounted"] = silent
+        except Raid1fsError:
+            silent = True  # one of ours that did not answer
+            continue
+        # The same volume, and these very members (two halves of a split
+        # brain share the volume UUID): by member UUID.
+        held = {x["uuid"] for x in st["members"] if x["path"] in v["in_use"]}
+        if live["volume"]["uuid"] == v["uuid"] and held <= {
+                x["uuid"] for x in live.get("members", []) if x["state"] != "missing"}:
+            return dict(live)
+    # No mount of this volume answered for these members: if none was
+    # silent, the holder is not a mount (an offline command, or a mount
+    # process still exiting).
+    v["mounted"] = silent
     return None
 
 

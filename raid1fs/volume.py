@@ -707,6 +707,8 @@ class Volume:
         try:
             data = None
             for src in read_balance(self.online(), lo):
+                if src.state != m.ONLINE:
+                    continue  # failed, or left the volume, while others were tried
                 try:
                     data = await src.pread(lo, hi - lo)
                     break
@@ -782,7 +784,10 @@ class Volume:
         await self._maybe_clear_missed()
 
     async def _take_spares(self) -> None:
-        """A spare takes over while the volume has fewer members than it should."""
+        """A spare takes over while the volume has fewer members than it should
+        (not on a read-only mount: its rebuild would write)."""
+        if self.readonly:
+            return
         async with self._admin_lock:
             for x in list(self.members):
                 if self._stopping or self._filled() >= self.sb.members_expected:
@@ -831,6 +836,8 @@ class Volume:
 
     async def remove(self, path: str) -> str:
         """Drop a failed, stale or missing member from the roster."""
+        if self.readonly:
+            raise Raid1fsError(f"{path}: the volume is mounted read-only")
         away = self._away(path)
         if away is not None:
             slot, hint = away
@@ -873,7 +880,7 @@ class Volume:
             return
         null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            os.dup2(null, x.fd)  # drops the flock and O_EXCL with the old file
+            os.dup2(null, x.fd, inheritable=False)  # drops the flock and O_EXCL
         finally:
             os.close(null)
 

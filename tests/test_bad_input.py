@@ -418,6 +418,13 @@ def test_missing_member_needs_degraded(env):
     assert r.returncode == 0, r.stderr
     assert f"{b}: not there" in r.stderr
     assert member_state(status_json(mnt), b) == "missing"
+    raid1fs("umount", mnt)
+    # Only a path that does not exist is left out: one that cannot be
+    # reached is an error, as without --degraded.
+    before = snapshot(a)
+    bad = a / "x"  # ENOTDIR
+    assert_refused(mount("--degraded", a, bad, mnt), bad)
+    assert_unchanged(before)
 
 
 # ----- mount options and names ------------------------------------------------------

@@ -274,6 +274,17 @@ def test_quick_batches_hold_the_loop_only_briefly():
             res, errs, fin = await iobatch.run_batch(
                 [(a, lambda: 3, ()), (b, lambda: 4, ())], 5, quick=0.05)
             assert res == [3, 4] and fin == [True, True]
+            # Called while an exception is being handled, a slow quick batch
+            # is not taken for one that raised (its eventfd pooled twice).
+            abandoned = len(iobatch._abandoned)
+            try:
+                raise ValueError("handled")
+            except ValueError:
+                res, errs, fin = await iobatch.run_batch(
+                    [(a, time.sleep, (0.1,)), (b, lambda: 2, ())], 5, quick=0.01)
+            assert fin == [True, True]
+            assert len(iobatch._abandoned) == abandoned
+            assert len(iobatch._free) == len(set(iobatch._free))
             nursery.cancel_scope.cancel()
 
     trio.run(main)
