@@ -28,6 +28,18 @@ DISK_NAME = b"disk"
 CACHE_TIMEOUT = 300.0
 
 
+def _apply(a: dict[str, Any], kept: dict[str, int]) -> None:
+    """Set the attributes `kept` names (as in Superblock.attrs) in `a`."""
+    if "mode" in kept:
+        a["mode"] = (a["mode"] & ~0o7777) | (kept["mode"] & 0o7777)
+    for key in ("uid", "gid"):
+        if key in kept:
+            a[key] = kept[key]
+    for key in ("atime", "mtime"):
+        if key + "_ns" in kept:
+            a[key] = kept[key + "_ns"]
+
+
 class DiskOperations(pyfuse3.Operations):
     """pyfuse3 operations for a disk volume."""
 
@@ -41,16 +53,7 @@ class DiskOperations(pyfuse3.Operations):
             DISK: {"mode": stat.S_IFREG | 0o600, "uid": uid, "gid": gid, "atime": now_ns,
                    "mtime": now_ns, "ctime": now_ns},
         }
-        kept = volume.sb.attrs  # what chmod/chown/utimens set before
-        disk = self.attrs[DISK]
-        if "mode" in kept:
-            disk["mode"] = stat.S_IFREG | (kept["mode"] & 0o7777)
-        for key in ("uid", "gid"):
-            if key in kept:
-                disk[key] = kept[key]
-        for key in ("atime", "mtime"):
-            if key + "_ns" in kept:
-                disk[key] = kept[key + "_ns"]
+        _apply(self.attrs[DISK], volume.sb.attrs)  # what chmod/chown/utimens set before
 
     def _entry(self, inode: int) -> pyfuse3.EntryAttributes:
         a = self.attrs[inode]
@@ -130,14 +133,7 @@ class DiskOperations(pyfuse3.Operations):
             except Raid1fsError as e:
                 log.error("setattr: %s", e)
                 raise pyfuse3.FUSEError(e.errno) from None
-        if "mode" in new:
-            a["mode"] = (a["mode"] & ~0o7777) | new["mode"]
-        for key in ("uid", "gid"):
-            if key in new:
-                a[key] = new[key]
-        for key in ("atime", "mtime"):
-            if key + "_ns" in new:
-                a[key] = new[key + "_ns"]
+        _apply(a, new)
         a["ctime"] = now
         return self._entry(inode)
 
