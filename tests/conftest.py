@@ -12,8 +12,10 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -284,11 +286,38 @@ class Env:
         return mp
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The mounts' control sockets and logs go to a directory of this run
+    (one log per mount point: a run leaves hundreds), removed after a run
+    that passed and kept, with its path printed, after one that failed."""
+    if "RAID1FS_RUN_DIR" in os.environ:
+        return
+    try:
+        d = tempfile.mkdtemp(prefix="raid1fs-tests-", dir="/run")
+    except OSError:
+        d = tempfile.mkdtemp(prefix="raid1fs-tests-")
+    os.chmod(d, 0o755)  # the unprivileged client of the control tests looks in
+    os.environ["RAID1FS_RUN_DIR"] = d
+    session.config.stash[_RUN_DIR] = d
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    d = session.config.stash.get(_RUN_DIR, None)
+    if d is None:
+        return
+    if exitstatus == 0:
+        shutil.rmtree(d, ignore_errors=True)
+    else:
+        print(f"\nthe mounts' logs are kept in {d}", file=sys.stderr)
+
+
+_RUN_DIR = pytest.StashKey[str]()
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     cleanup = Cleanup()
     e = Env(tmp_path, cleanup)
-    os.environ.setdefault("RAID1FS_RUN_DIR", "/run/raid1fs")
     try:
         yield e
     finally:
