@@ -158,11 +158,17 @@ async def run_batch(calls: list[tuple[Workers, Callable[..., Any], tuple]], time
     else:
         for i, (workers, fn, args) in enumerate(calls):
             workers.submit(batch, i, fn, args)
+    woken = False
     try:
         with trio.move_on_after(timeout):
             await trio.lowlevel.wait_readable(batch.fd)
+            woken = True
     finally:
-        if batch.signalled:
+        # Woken, the eventfd was written; `signalled` is set just after the
+        # write, so a waiter woken first must not go by it (the batch would
+        # be taken for abandoned). A batch that ends without its signal is
+        # abandoned, its eventfd reused once signalled and drained.
+        if woken or batch.signalled:
             os.eventfd_read(batch.fd)
             _free.append(batch.fd)
         else:

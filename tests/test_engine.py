@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -286,6 +287,31 @@ def test_quick_batches_hold_the_loop_only_briefly():
             assert len(iobatch._abandoned) == abandoned
             assert len(iobatch._free) == len(set(iobatch._free))
             nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_batch_woken_before_it_is_marked_signalled_is_not_abandoned(monkeypatch):
+    """The last worker writes the eventfd, then marks the batch signalled:
+    a waiter woken in between (a worker preempted there, as under load in
+    CI) must still take its batch for finished, not abandoned."""
+    from raid1fs import iobatch
+
+    real = os.eventfd_write
+
+    def slow_write(fd: int, value: int) -> None:
+        real(fd, value)
+        time.sleep(0.05)  # preempted between the write and `signalled`
+
+    monkeypatch.setattr(os, "eventfd_write", slow_write)
+    w = iobatch.Workers("slow")
+
+    async def main() -> None:
+        before = len(iobatch._abandoned)
+        res, errs, fin = await iobatch.run_batch([(w, lambda: 5, ())], 5)
+        assert res == [5] and fin == [True]
+        assert len(iobatch._abandoned) == before
+        assert len(iobatch._free) == len(set(iobatch._free))
 
     trio.run(main)
 
