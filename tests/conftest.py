@@ -305,7 +305,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     d = session.config.stash.get(_RUN_DIR, None)
     if d is None:
         return
-    if exitstatus == 0:
+    if exitstatus == 0 or not os.listdir(d):
         shutil.rmtree(d, ignore_errors=True)
     else:
         print(f"\nthe mounts' logs are kept in {d}", file=sys.stderr)
