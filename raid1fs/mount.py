@@ -61,7 +61,7 @@ class MountRequest:
     io_timeout: float = 30.0
     max_rebuild_rate: int | None = None
     on_event: str | None = None
-    cwd: str = field(default_factory=lambda: _cwd())  # where `mount` ran (the daemon runs in /)
+    cwd: str = field(default_factory=_cwd)  # where `mount` ran (the daemon runs in /)
     options: list[str] = field(default_factory=list)
 
     @property

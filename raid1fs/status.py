@@ -36,7 +36,6 @@ def offline_status(paths: list[str]) -> dict[str, Any]:
         if plan.split_brain:
             st["volume"]["split_brain"] = list(plan.split_brain)
         st["volume"]["in_use"] = in_use
-        st["volume"]["mounted"] = bool(in_use)  # by a mount that did not answer
         _bitmaps(st, volume, found)
         problems = {f.path: f.problems for f in found if f.problems}
         for mem in st["members"]:

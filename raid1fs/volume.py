@@ -912,12 +912,12 @@ class Volume:
             raise Raid1fsError(f"{path}: the volume is mounted read-only")
         p = os.path.abspath(path)
         async with self._admin_lock:
-            existing = await trio.to_thread.run_sync(self._member_at, p)
             for y in [y for y in self._held if not y.workers.busy]:
                 self._held.remove(y)
                 self._release(y)
-            if existing is None and self._held and await trio.to_thread.run_sync(
-                    self._member_at, p, list(self._held)) is not None:
+            existing = await trio.to_thread.run_sync(self._member_at, p,
+                                                     self.members + self._held)
+            if existing in self._held:
                 raise Raid1fsError(f"{path}: was removed from this volume while I/O to it "
                                    "hung; it can be added again once that I/O ends or after "
                                    "a remount")
@@ -944,13 +944,13 @@ class Volume:
                     os.close(nm.fd)
                 raise
 
-    def _member_at(self, path: str, among: list[Member] | None = None) -> Member | None:
-        """The member this path names (under any name), if any."""
+    def _member_at(self, path: str, among: list[Member]) -> Member | None:
+        """The one of `among` this path names (under any name), if any."""
         try:
             ident = assemble.identity(path)
         except OSError:
             return None
-        for x in self.members if among is None else among:
+        for x in among:
             st = os.fstat(x.fd)
             mine = ("dev", st.st_rdev) if stat.S_ISBLK(st.st_mode) else \
                 ("ino", st.st_dev, st.st_ino)
