@@ -16,7 +16,8 @@
         listed failed or missing -> stale: it missed writes, serves no reads
         listed spare   -> spare
         listed rebuilding -> rebuilding: it resumes from its checkpoint
-        not listed     -> refused: it was removed from the volume
+        not listed     -> refused: it was removed from the volume (checked
+                          first, among all members given: see removed_members)
     every slot the roster lists active but nobody brought is missing;
         refuse unless --degraded (a rebuilding slot nobody brought is
         missing too, but was not in sync anyway: no --degraded needed)
@@ -64,6 +65,10 @@ class Plan:
     members: list[Found]
     missing: list[tuple[int, str]]  # (slot, last known path) of absent active members
     split_brain: tuple[str, str] | None = None  # (offline status) two members changed apart
+    # Members --prefer overruled: the winner's roster records them gone as of
+    # the mount that settled it, so that the split is not found again.
+    overruled: list[Found] = field(default_factory=list)
+    removed: list[Found] = field(default_factory=list)  # (offline status) see removed_members
 
 
 def identity(path: str) -> tuple[object, ...]:
@@ -156,6 +161,18 @@ def _left_quietly(x: Superblock, y: Superblock) -> bool:
             and x.events < e.gone_events)
 
 
+def removed_members(found: list[Found]) -> list[Found]:
+    """Members removed from the volume: one whose own metadata no longer
+    lists it (remove and replace write that to it as it leaves, when they
+    can), or one that another member given here names as removed. Such a
+    member holds an old copy of the data whatever its event counter says
+    (it may have been mounted alone since): never the authority, never half
+    of a split brain."""
+    return [x for x in found
+            if x.sb.roster_entry(x.sb.member_uuid) is None
+            or any(y.sb.was_removed(x.sb.member_uuid) for y in found)]
+
+
 def find_split_brain(found: list[Found]) -> list[tuple[Found, Found]]:
     """Pairs of members that each think themselves active and that the
     other went away: each went on without the other. A member that only
@@ -183,14 +200,28 @@ def assemble(
 
     With strict=False (offline status) nothing is refused; the plan reports.
     """
+    removed = removed_members(found)
+    if removed and strict:
+        x = removed[0]
+        raise AssemblyError(f"{x.path}: no longer a member of volume "
+                            f"{x.sb.name or x.sb.volume_uuid} (it was removed)")
+    found = [f for f in found if f not in removed]
+    if not found:
+        x = removed[0]
+        raise AssemblyError(f"{x.path}: no longer a member of volume "
+                            f"{x.sb.name or x.sb.volume_uuid} (it was removed; its data is an "
+                            "old copy of the volume's)")
     authority = max(found, key=lambda f: f.sb.events)
     split_brain = None
+    overruled: list[Found] = []
     if prefer is not None:
         pref = os.path.abspath(prefer)
         chosen = [f for f in found if f.path == pref]
         if not chosen:
             raise AssemblyError(f"{prefer}: --prefer names a path that is not among the members")
         authority = chosen[0]
+        for pair in find_split_brain(found):
+            overruled += [f for f in pair if f is not authority and f not in overruled]
     else:
         split = find_split_brain(found)
         if split:
@@ -228,5 +259,5 @@ def assemble(
         raise AssemblyError(
             f"{found[0].path}: no in-sync member among those given (all stale or spare)"
         )
-    return Plan(roster, found, missing, split_brain)
+    return Plan(roster, found, missing, split_brain, overruled, removed)
 

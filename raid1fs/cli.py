@@ -137,8 +137,9 @@ def cmd_create(a: argparse.Namespace) -> int:
     from raid1fs.create import create_disk
 
     sb = create_disk(a.members, a.name, a.size, not a.no_checksums, a.force)
-    print(f"created disk volume {sb.name or sb.volume_uuid} ({sb.volume_uuid}): "
-          f"{sb.size} bytes on {len(a.members)} members, data at offset {sb.data_offset}")
+    called = f"{sb.name} ({sb.volume_uuid})" if sb.name else sb.volume_uuid
+    print(f"created disk volume {called}: {sb.size} bytes on {len(a.members)} members, "
+          f"data at offset {sb.data_offset}")
     return 0
 
 
@@ -172,7 +173,11 @@ def cmd_umount(a: argparse.Namespace) -> int:
         print(f"{PROG}: note: its mount process was gone, so the members were not marked "
               "clean: the next mount resyncs what may differ", file=sys.stderr)
         return 0
-    pid = st["daemon"]["pid"]
+    pid, owner = st["daemon"]["pid"], st["daemon"].get("uid", 0)
+    if os.getuid() not in (0, owner):
+        raise Raid1fsError(f"{a.mountpoint}: only root and the user who mounted it (uid "
+                           f"{owner}) may unmount it")
+    report = _exit_report(mp)
     r = subprocess.run(["fusermount3", "-u", os.path.realpath(mp)], capture_output=True,
                        text=True)
     if r.returncode:
@@ -185,7 +190,38 @@ def cmd_umount(a: argparse.Namespace) -> int:
             raise Raid1fsError(f"{a.mountpoint}: unmounted, but the mount process {pid} "
                                "did not finish marking members clean")
         time.sleep(0.05)
+    _note_exit_report(report)
     return 0
+
+
+def _exit_report(mp: str) -> str | None:
+    """The exit report of the mount at mp (raid1fs.mount._report_exit), if
+    its control socket is where this client looks; a stale one is removed."""
+    for sock in control.candidate_sockets(mp):
+        if os.path.exists(sock):
+            path = control.exit_report_path(sock)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            return path
+    return None
+
+
+def _note_exit_report(path: str | None) -> None:
+    """Say so if a member that was in use failed while the mount shut down
+    (its final flush): the unmount itself worked, the volume is degraded."""
+    if path is None:
+        return
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        os.unlink(path)
+    except (OSError, ValueError):
+        return
+    for m in report.get("failed", []):
+        print(f"{PROG}: note: {m['path']} failed while the mount shut down ({m['reason']}); "
+              "the volume is degraded", file=sys.stderr)
 
 
 def _alive(pid: int) -> bool:
@@ -228,8 +264,12 @@ def cmd_fail(a: argparse.Namespace) -> int:
 
 
 def cmd_remove(a: argparse.Namespace) -> int:
-    path = control.request(a.mountpoint, "remove", member=_member_arg(a.member))
-    print(f"{path}: removed")
+    r = control.request(a.mountpoint, "remove", member=_member_arg(a.member))
+    if isinstance(r, str):  # a mount of an older raid1fs
+        r = {"path": r}
+    print(f"{r['path']}: removed"
+          + (f"; the volume is now a {r['members_expected']}-way mirror"
+             if r.get("narrowed") else ""))
     return 0
 
 
@@ -263,6 +303,9 @@ def _print_join(r: dict) -> None:
     else:
         print(f"{r['path']}: {r['state']}, {r['kind']} of {format_size(r['total_bytes'])} "
               f"(slot {r['slot']}); follow it with `raid1fs status` or `raid1fs rebuild --wait`")
+    if r.get("widened"):
+        print(f"the volume is now a {r['members_expected']}-way mirror (`add --spare` adds a "
+              "spare instead; `fail` and `remove` of a member narrow it again)")
 
 
 def cmd_rebuild(a: argparse.Namespace) -> int:
@@ -285,6 +328,13 @@ def _rebuild_online(a: argparse.Namespace) -> int:
         print(f"{r['path']}: {kind} {r['action']}, {format_size(r['left_bytes'])} to copy")
     st = control.request(mp, "status", timeout=30)
     idle = not progress.rebuilding(st) and not started
+    # The members whose rebuilds this command waits for: no summary of a
+    # rebuild that ended before it.
+    waited = {r["path"] for r in started}
+
+    def note_rebuilding(st: dict) -> None:
+        waited.update(m["path"] for m in st["members"] if m.get("rebuild"))
+    note_rebuilding(st)
     if idle:
         state = st["volume"]["state"]
         print("nothing to rebuild: " + ("every member is in sync" if state == "clean"
@@ -297,10 +347,10 @@ def _rebuild_online(a: argparse.Namespace) -> int:
             printer.update(st)
             time.sleep(0.5)
             st = control.request(mp, "status", timeout=30)
+            note_rebuilding(st)
     finally:
         printer.finish()
-    # (no summary of a rebuild that ended before this command)
-    code, lines = progress.outcome(st, finished=not idle)
+    code, lines = progress.outcome(st, waited)
     for line in lines:
         print(line)
     return code

@@ -90,6 +90,12 @@ def candidate_sockets(mountpoint: str) -> list[str]:
     return paths
 
 
+def exit_report_path(sock_path: str) -> str:
+    """Where a mount, as it exits, says what its shutdown did (members that
+    failed in the final flush), for the `raid1fs umount` that waits for it."""
+    return sock_path + ".exit"
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end, from the kernel."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -217,5 +223,17 @@ def request(mountpoint: str, cmd: str, timeout: float = 120.0, **args: Any) -> A
         err = Raid1fsError(reply.get("error", "unknown error"))
         err.exit_code = int(reply.get("exit", 1))
         raise err
+    if last_error and _is_raid1fs_mount(mountpoint):
+        raise ControlError(f"{mountpoint}: the raid1fs process of this mount is gone (killed?); "
+                           f"`raid1fs umount {mountpoint}` detaches it, and the next mount "
+                           "resyncs what was in flight")
     raise ControlError(f"{mountpoint}: not a raid1fs mount point"
                        + (f" ({last_error})" if last_error else ""))
+
+
+def _is_raid1fs_mount(path: str) -> bool:
+    try:
+        real = os.path.realpath(path)
+        return any(mp == real and fstype == "fuse.raid1fs" for mp, fstype, _ in mounts())
+    except OSError:
+        return False

@@ -18,6 +18,7 @@ finished mount process alive.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from raid1fs.assemble import Plan, assemble, close_all, read_members
 from raid1fs.errors import BadMemberError, Raid1fsError, UsageError
 from raid1fs.events import EventSink
 from raid1fs.fuse_disk import DiskOperations
+from raid1fs.superblock import ACTIVE
 from raid1fs.volume import Volume
 
 log = logging.getLogger("raid1fs.mount")
@@ -156,6 +158,11 @@ def prepare(req: MountRequest) -> tuple[str, Plan]:
     except BaseException:
         close_all(found)
         raise
+    named = {os.path.abspath(p) for p in req.members}  # those not there: said above
+    for slot, hint in plan.missing:
+        if hint not in named and plan.authority.roster[slot].state == ACTIVE:
+            print(f"raid1fs: {hint or f'slot {slot}'}: not given; mounting without it "
+                  "(--degraded)", file=sys.stderr)
     return mp, plan
 
 
@@ -196,7 +203,7 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
     async def h_fail(r: dict) -> str:
         return (await volume.fail(r["member"])).path
 
-    async def h_remove(r: dict) -> str:
+    async def h_remove(r: dict) -> dict:
         return await volume.remove(r["member"])
 
     async def h_add(r: dict) -> dict:
@@ -206,11 +213,17 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
         return await volume.replace(r["old"], r["new"])
 
     async def h_rebuild(r: dict) -> list:
+        if volume.readonly:
+            raise Raid1fsError(f"{mountpoint}: the volume is mounted read-only")
         return await volume.rebuild_all(r.get("max_rate"))
 
     handlers: dict[str, control.Handler] = {
         "status": h_status, "fail": h_fail, "remove": h_remove, "add": h_add,
         "replace": h_replace, "rebuild": h_rebuild}
+    try:  # the report of an earlier mount here that nobody read
+        os.unlink(control.exit_report_path(control.socket_path(mountpoint)))
+    except OSError:
+        pass
     server = control.ControlServer(control.socket_path(mountpoint), handlers,
                                    owner_uid=os.getuid(), mountpoint=mountpoint)
     async with trio.open_nursery() as nursery:
@@ -237,14 +250,29 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
         finally:
             with trio.CancelScope(shield=True):
                 log.info("unmounted: flushing and marking members clean")
+                in_use = set(volume.writable())
                 try:
                     await volume.shutdown()
                 except Raid1fsError as e:
                     log.error("shutdown: %s", e)
+                _report_exit(control.socket_path(mountpoint),
+                             [{"path": x.path, "reason": x.fail_reason}
+                              for x in volume.members if x in in_use and x.state == "failed"])
                 pyfuse3.close(unmount=True)
                 log.info("members clean; exiting")
                 await events.drain(grace=EVENT_GRACE)
             nursery.cancel_scope.cancel()
+
+
+def _report_exit(sock_path: str, failed: list[dict[str, str]]) -> None:
+    """What `raid1fs umount` tells the operator once this process is gone."""
+    path = control.exit_report_path(sock_path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"failed": failed}, f)
+    except OSError as e:
+        log.warning("%s: cannot write: %s", path, e.strerror)
 
 
 class ReadyPipe:

@@ -17,6 +17,7 @@ from raid1fs import progress
 from raid1fs.assemble import Plan, assemble, close_all, read_members
 from raid1fs.errors import BadMemberError
 from raid1fs.events import EventSink
+from raid1fs.superblock import ACTIVE
 from raid1fs.volume import Volume
 
 
@@ -28,12 +29,18 @@ def run(paths: list[str], max_rate: int | None) -> int:
             raise BadMemberError(f"{found[0].path}: volume kind {found[0].sb.kind!r} "
                                  "is not supported by this version")
         plan = assemble(found, degraded=True)
+        # Like mount: a member left out would be marked stale for good (its
+        # place taken by nobody); an operator who forgot it must not pay for
+        # that. A member gone for good: mount --degraded, then remove it.
+        needed = [hint or f"slot {slot}" for slot, hint in plan.missing
+                  if plan.authority.roster[slot].state == ACTIVE]
+        if needed:
+            raise BadMemberError(
+                f"member missing: {', '.join(needed)} (give every member of the volume; "
+                "one that is gone for good: mount --degraded, then remove it)")
     except BaseException:
         close_all(found)
         raise
-    for _, hint in plan.missing:
-        print(f"raid1fs: note: member {hint or '?'} is missing; rebuilding the others",
-              file=sys.stderr)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="raid1fs: %(message)s",
                         force=True)
     try:

@@ -74,20 +74,21 @@ class Printer:
             self.drawn = False
 
 
-def outcome(st: dict[str, Any], finished: bool = True) -> tuple[int, list[str]]:
-    """Exit status and lines to print once no rebuild runs any more;
-    `finished`: say what the rebuilds this command waited for did."""
+def outcome(st: dict[str, Any], waited: set[str] | None = None) -> tuple[int, list[str]]:
+    """Exit status and lines to print once no rebuild runs any more: what
+    the rebuilds of the members in `waited` (None: every member) did."""
     lines = []
     for mem in st["members"]:
         last = mem.get("last_rebuild")
-        if last and finished:
+        if last and (waited is None or mem["path"] in waited):
             lines.append(f"{mem['path']}: {last['kind']} done, {format_size(last['copied_bytes'])}"
                          f" copied in {last['seconds']:.1f} s")
         rb = mem.get("rebuild")
         if rb and rb.get("error"):
             lines.append(f"{mem['path']}: rebuild stopped: {rb['error']}")
         if mem["state"] in ("failed", "stale", "missing"):
-            lines.append(f"{mem['path']}: {mem['state']}")
+            why = mem.get("fail_reason") if mem["state"] == "failed" else None
+            lines.append(f"{mem['path']}: {mem['state']}" + (f" ({why})" if why else ""))
     state = st["volume"]["state"]
     lines.append(f"volume {state}")
     return (0 if state == "clean" else 1), lines

@@ -14,7 +14,7 @@ from raid1fs.bitmap import Bitmap
 from raid1fs.errors import Raid1fsError
 from raid1fs.sizes import format_size
 from raid1fs.superblock import REBUILDING, read_bitmaps
-from raid1fs.volume import CLEAN, Volume
+from raid1fs.volume import CLEAN, DEGRADED, Volume
 
 EXIT_IN_SYNC, EXIT_NOT_IN_SYNC, EXIT_UNKNOWN = 0, 1, 3
 
@@ -35,8 +35,14 @@ def offline_status(paths: list[str]) -> dict[str, Any]:
         st["volume"]["clean_shutdown"] = plan.authority.clean
         if plan.split_brain:
             st["volume"]["split_brain"] = list(plan.split_brain)
+            # Two copies each went on alone: not in sync, whatever the
+            # roster counts, and mount refuses until --prefer says which wins.
+            if st["volume"]["state"] == CLEAN:
+                st["volume"]["state"] = DEGRADED
+        if plan.removed:
+            st["volume"]["removed"] = [f.path for f in plan.removed]
         st["volume"]["in_use"] = in_use
-        _bitmaps(st, volume, found)
+        _bitmaps(st, volume, plan.members)
         problems = {f.path: f.problems for f in found if f.problems}
         for mem in st["members"]:
             mem["metadata_problems"] = problems.get(mem["path"], [])
@@ -133,6 +139,8 @@ def format_human(st: dict[str, Any]) -> str:
         a, b = v["split_brain"]
         lines.append(f"   split: {a} and {b} were changed apart from each other; mount "
                      "with --prefer MEMBER to choose the one that wins")
+    for path in v.get("removed", []):
+        lines.append(f" removed: {path} is no longer a member (its data is an old copy)")
     if v.get("resync_pending_bytes"):
         lines.append(f"  resync: {format_size(v['resync_pending_bytes'])} where writes were in "
                      "flight may differ between members; the next mount resyncs it")

@@ -55,6 +55,7 @@ MISSING = "missing"  # was absent at a degraded mount: stale until rebuilt
 SPARE = "spare"  # a hot spare
 REBUILDING = "rebuilding"  # being rebuilt; rebuild_pos is its checkpoint
 REMOVED = "removed"  # an empty slot: its member was removed
+REMOVED_KEPT = 32  # removed member UUIDs a superblock remembers (~1.2 KiB of 4)
 ROSTER_STATES = (ACTIVE, FAILED, MISSING, SPARE, REBUILDING, REMOVED)
 ABSENT_STATES = (FAILED, MISSING)  # slots that miss writes
 
@@ -145,6 +146,12 @@ class Superblock:
     # What chmod, chown and utimens set on the mount's `disk` file: "mode"
     # (permission bits), "uid", "gid", "atime_ns", "mtime_ns"; each optional.
     attrs: dict[str, int] = field(default_factory=dict)
+    # Member UUIDs removed from the volume, the latest REMOVED_KEPT: a member
+    # given back to assembly after its removal is recognised by any member
+    # that lists it here, whatever its own metadata says (it may have been
+    # mounted alone since). A removed member's own copy, written as it
+    # leaves when it still can be, names it too.
+    removed: list[str] = field(default_factory=list)
     format: int = FORMAT
     seq: int = 0  # not part of the JSON: lives in the header
 
@@ -154,7 +161,17 @@ class Superblock:
 
     def copy(self) -> Superblock:
         return dataclasses.replace(self, roster=[dataclasses.replace(s) for s in self.roster],
-                                   attrs=dict(self.attrs))
+                                   attrs=dict(self.attrs), removed=list(self.removed))
+
+    def drop(self, entry: Slot) -> None:
+        """Empty a roster slot: its member is removed from the volume."""
+        if entry.uuid:
+            self.removed = [u for u in self.removed if u != entry.uuid][-(REMOVED_KEPT - 1):]
+            self.removed.append(entry.uuid)
+        entry.state, entry.uuid = REMOVED, ""
+
+    def was_removed(self, member_uuid: str) -> bool:
+        return member_uuid in self.removed
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -164,7 +181,7 @@ class Superblock:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Superblock:
         names = {f.name for f in dataclasses.fields(cls)} - {"seq", "roster"}
-        optional = {"format", "missed_since", "attrs"}
+        optional = {"format", "missed_since", "attrs", "removed"}
         missing = [n for n in names if n not in d and n not in optional]
         if missing:
             raise ValueError(f"fields missing: {', '.join(sorted(missing))}")

@@ -21,9 +21,10 @@ import errno
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -51,6 +52,23 @@ from raid1fs.superblock import (
 )
 
 log = logging.getLogger("raid1fs.volume")
+T = TypeVar("T")
+
+
+class GivenUp(Raid1fsError):
+    """A call on a path did not answer within the I/O timeout; its thread
+    may still be running."""
+
+
+def _park_fd(fd: int) -> None:
+    """Point fd at /dev/null, read-only: the file it named is let go, and a
+    late call through the number fails instead of reaching whatever file
+    would get the number next. The number stays taken."""
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
 
 # Volume states.
 CLEAN = "clean"
@@ -136,6 +154,7 @@ class Volume:
         self.events = events or EventSink(self.sb.volume_uuid)
         self.members = [Member(f.path, f.fd, f.sb, io_timeout, f.state) for f in plan.members]
         self.missing = list(plan.missing)
+        self._overruled = [f.sb.member_uuid for f in plan.overruled]
         self._meta_lock = trio.Lock()
         self._fail_gen = self._durable_fail_gen = 0  # failures marked / committed
         self._admin_lock = trio.Lock()  # add, replace, spare takeover: one at a time
@@ -202,6 +221,50 @@ class Volume:
             if x.path == p or x.uuid == path:
                 return x
         raise Raid1fsError(f"{path}: not a member of this volume")
+
+    async def _find(self, path: str) -> Member:
+        """find_member, also under another name of the same file or device
+        (a /dev/disk/by-id link, a hard link): compared by identity, in a
+        thread, under the I/O timeout (stat of a hung path must not hold
+        the loop or the caller)."""
+        try:
+            return self.find_member(path)
+        except Raid1fsError:
+            if not os.path.isabs(path):
+                raise  # a member UUID that is not ours
+            x = await self._bounded(path, self._member_at, os.path.abspath(path),
+                                    list(self.members))
+            if x is None:
+                raise
+            return x
+
+    async def _bounded(self, path: str, fn: Callable[..., T], *args: Any,
+                       undo: Callable[[T], object] | None = None) -> T:
+        """fn(*args) in a thread, given up after the I/O timeout with a
+        one-line error naming `path`. A call that returns after it was given
+        up is undone (`undo(result)`), so it leaves nothing behind."""
+        lock = threading.Lock()
+        box: dict[str, Any] = {}
+
+        def run() -> T:
+            r = fn(*args)
+            with lock:
+                if box.get("abandoned"):
+                    if undo is not None:
+                        undo(r)
+                else:
+                    box["result"] = r
+            return r
+
+        with trio.move_on_after(self.io_timeout):
+            return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+        with lock:
+            box["abandoned"] = True
+            late = box.pop("result", None)  # returned just as it was given up
+        if late is not None and undo is not None:
+            undo(late)
+        raise GivenUp(f"{path}: no answer within the {self.io_timeout:g} s I/O timeout; "
+                      "nothing was changed")
 
     # ----- metadata ---------------------------------------------------------
 
@@ -293,8 +356,7 @@ class Volume:
         entry = self.sb.roster_entry(x.uuid)
         if entry is not None:
             if entry.state == SPARE:
-                entry.state = REMOVED  # a spare that failed is not waited for
-                entry.uuid = ""
+                self.sb.drop(entry)  # a spare that failed is not waited for
             else:
                 if entry.state not in ABSENT_STATES:
                     entry.gone_events = -1  # filled in by the commit that records it
@@ -326,6 +388,15 @@ class Volume:
             self.sb.roster[slot].state = MISSING
             self.sb.roster[slot].gone_events = -1
             log.warning("member missing: %s (slot %d)", path or "?", slot)
+        # --prefer settled a split brain: the winner's roster records every
+        # overruled member gone as of this mount, and this mount's counter
+        # starts above every member's, theirs included, so the next assembly
+        # finds them behind (stale), not split again.
+        self.sb.events = max([self.sb.events] + [x.sb.events for x in self.members])
+        for uuid in self._overruled:
+            entry = self.sb.roster_entry(uuid)
+            if entry is not None and entry.state in ABSENT_STATES:
+                entry.gone_events = -1
         if not self.readonly:
             await self._plan_rebuilds()
             await self._flush_regions()
@@ -695,10 +766,19 @@ class Volume:
         """Record every rebuild's position (rule 15): what was copied is made
         durable first, so a checkpoint never names data a power cut lost."""
         targets = [x for x in self.members if x.state == m.REBUILDING]
+        # The positions as they are before the fdatasync: another rebuild
+        # copies on meanwhile, and what it copies then is not yet durable.
+        at = {x: (x.rebuild, x.rebuild.position()) for x in targets if x.rebuild is not None}
         _, errors = await fanout(targets, "fsync", lambda x: (os.fdatasync, (x.fd,)))
         if errors:
             await self._commit(self._failer(errors))
-        await self._commit(self._checkpoint_all)
+
+        def record(sb: Superblock) -> None:
+            for x, (p, pos) in at.items():
+                entry = sb.roster_entry(x.uuid)
+                if x.state == m.REBUILDING and x.rebuild is p and entry is not None:
+                    entry.rebuild_pos = pos
+        await self._commit(record)
 
     async def _copy(self, x: Member, lo: int, hi: int) -> bool:
         """Copy volume bytes [lo, hi) to x; False if the rebuild must stop."""
@@ -760,7 +840,7 @@ class Volume:
             if p.replaces:
                 gone = sb.roster_entry(p.replaces)
                 if gone is not None:
-                    gone.state, gone.uuid = REMOVED, ""
+                    sb.drop(gone)
                 if old is not None:
                     old.state = m.FAILED  # no more I/O to it; dropped below
                 self.missing[:] = [(s, h) for s, h in self.missing
@@ -775,6 +855,7 @@ class Volume:
         x.rebuild = None
         if old is not None:
             self.members.remove(old)
+            await self._disown(old)
             self._release(old)
             log.warning("member %s replaced by %s", old.path, x.path)
         log.warning("member %s in sync: %s copied in %.1f s", x.path, _mib(p.done_bytes), elapsed)
@@ -812,7 +893,7 @@ class Volume:
     # ----- operator actions -------------------------------------------------
 
     async def fail(self, path: str, reason: str = "failed by the operator") -> Member:
-        x = self.find_member(path)
+        x = await self._find(path)
         if x.state == m.FAILED:
             raise Raid1fsError(f"{x.path}: already failed")
         if x.state == m.ONLINE and len(self.online()) == 1:
@@ -834,36 +915,73 @@ class Volume:
                 return slot, e.path
         return None
 
-    async def remove(self, path: str) -> str:
-        """Drop a failed, stale or missing member from the roster."""
+    async def remove(self, path: str) -> dict[str, Any]:
+        """Drop a failed, stale or missing member from the roster.
+
+        The mirror narrows with it (zpool detach), down to two ways: a 3-way
+        mirror that loses a member and has it removed is a clean 2-way one,
+        and an `add` (which widens it) can be undone; a 2-way mirror stays
+        2-way and degraded until a member is added.
+        """
         if self.readonly:
             raise Raid1fsError(f"{path}: the volume is mounted read-only")
+        before = self.sb.members_expected
+
+        def outcome(p: str) -> dict[str, Any]:
+            n = self.sb.members_expected
+            return {"path": p, "members_expected": n, "narrowed": n < before}
+
         away = self._away(path)
         if away is not None:
             slot, hint = away
 
-            def drop(sb: Superblock) -> None:
-                sb.roster[slot].state = REMOVED
-                sb.roster[slot].uuid = ""
-            await self._commit(drop)
+            def drop_away(sb: Superblock) -> None:
+                sb.drop(sb.roster[slot])
+                self._narrow(sb)
+            await self._commit(drop_away)
             self.missing[:] = [(s, h) for s, h in self.missing if s != slot]
             await self._maybe_clear_missed()
-            return hint
-        x = self.find_member(path)
+            return outcome(hint)
+        x = await self._find(path)
         if x.state in (m.ONLINE, m.REBUILDING):
             raise Raid1fsError(f"{x.path}: is {x.state}; fail it before removing it")
 
         def drop_member(sb: Superblock) -> None:
             entry = sb.roster_entry(x.uuid)
             if entry is not None:
-                entry.state = REMOVED
-                entry.uuid = ""
+                sb.drop(entry)
+            self._narrow(sb)
         await self._commit(drop_member)
         self.members.remove(x)
+        await self._disown(x)
         self._release(x)
         log.warning("member %s removed", x.path)
         await self._maybe_clear_missed()
-        return x.path
+        return outcome(x.path)
+
+    def _narrow(self, sb: Superblock) -> None:
+        """After a removal: expect no more members than the volume has or is
+        being given, but never fewer than two."""
+        if sb is self.sb and sb.members_expected > 2:
+            sb.members_expected = max(2, min(sb.members_expected, self._filled()))
+
+    async def _disown(self, x: Member) -> None:
+        """Tell a member that just left the volume so, if it still answers:
+        its own metadata then names it removed, and it is refused by mount
+        (even alone, --degraded) and shown as removed by status, instead of
+        passing for a degraded copy of the volume. Best effort: a dead or
+        hung member (I/O in flight) keeps what it had; the others' metadata
+        names it removed anyway."""
+        if self.readonly or x.workers.busy:
+            return
+        sb = self._sb_for(x)
+        sb.clean = True  # no mount uses it
+        try:
+            await x._run("metadata write", write_superblock, x.fd, sb)
+        except MemberIOError as e:
+            log.warning("member %s removed, but its metadata could not say so: %s", x.path, e)
+        else:
+            x.sb = sb
 
     def _release(self, x: Member) -> None:
         """Let go of a member that left the volume, so that it can be added
@@ -878,11 +996,7 @@ class Volume:
         if x.workers.busy:
             self._held.append(x)
             return
-        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.dup2(null, x.fd, inheritable=False)  # drops the flock and O_EXCL
-        finally:
-            os.close(null)
+        _park_fd(x.fd)  # drops the flock and O_EXCL
 
     async def add(self, path: str, spare: bool = False) -> dict[str, Any]:
         """Add a member: rebuilt online, or a spare (`raid1fs add`).
@@ -896,7 +1010,7 @@ class Volume:
         away = self._away(old)
         uuid = self.sb.roster[away[0]].uuid if away is not None else ""
         if not uuid:
-            x = self.find_member(old)
+            x = await self._find(old)
             if x.state == m.SPARE:
                 raise Raid1fsError(f"{x.path}: is a spare, not in use; remove it and add "
                                    "the new one with --spare")
@@ -915,8 +1029,7 @@ class Volume:
             for y in [y for y in self._held if not y.workers.busy]:
                 self._held.remove(y)
                 self._release(y)
-            existing = await trio.to_thread.run_sync(self._member_at, p,
-                                                     self.members + self._held)
+            existing = await self._bounded(path, self._member_at, p, self.members + self._held)
             if existing in self._held:
                 raise Raid1fsError(f"{path}: was removed from this volume while I/O to it "
                                    "hung; it can be added again once that I/O ends or after "
@@ -926,8 +1039,9 @@ class Volume:
                     raise Raid1fsError(f"{path}: already a member of this volume "
                                        f"({existing.state})")
                 return await self._readd(existing, spare)
-            nm = await trio.to_thread.run_sync(
-                create.open_new_member, p, self.sb.data_offset + self.size, self.sb.volume_uuid)
+            nm = await self._bounded(
+                path, create.open_new_member, p, self.sb.data_offset + self.size,
+                self.sb.volume_uuid, undo=lambda nm: os.close(nm.fd))
             try:
                 if nm.old_sb is not None and not replaces:
                     entry = self.sb.roster_entry(nm.old_sb.member_uuid)
@@ -939,6 +1053,13 @@ class Volume:
                                            if self.sb.roster[sl].uuid != x.uuid]
                         return await self._readd(x, spare)
                 return await self._add_new(nm, spare, replaces)
+            except GivenUp:
+                # A thread may still write through nm.fd: the number must not
+                # name another file when it does. It goes to /dev/null and
+                # stays taken.
+                if not any(y.fd == nm.fd for y in self.members):
+                    _park_fd(nm.fd)
+                raise
             except BaseException:
                 if not any(y.fd == nm.fd for y in self.members):
                     os.close(nm.fd)
@@ -961,6 +1082,11 @@ class Volume:
     async def _readd(self, x: Member, spare: bool) -> dict[str, Any]:
         if x.state not in (m.FAILED, m.STALE):
             raise Raid1fsError(f"{x.path}: already a member of this volume ({x.state})")
+        if x.workers.busy:
+            # A write that hung when it failed could land after the resync
+            # copied its region, and leave it older than the volume.
+            raise Raid1fsError(f"{x.path}: I/O to it from before it failed still hangs; it can "
+                               "be re-added once that I/O ends or after a remount")
         if spare:
             raise Raid1fsError(f"{x.path}: is a {x.state} member of this volume; "
                                "add it without --spare to re-add it")
@@ -975,10 +1101,11 @@ class Volume:
         slots = self.sb.roster
         slot = next((i for i, e in enumerate(slots) if e.state == REMOVED), len(slots))
         sb = self._sb_for_new(slot)
-        await trio.to_thread.run_sync(create.init_member, nm.fd, sb)
+        await self._bounded(nm.path, create.init_member, nm.fd, sb)
         x = Member(nm.path, nm.fd, sb, self.io_timeout, m.SPARE)
         entry = Slot(sb.member_uuid, SPARE if spare else REBUILDING, nm.path)
-        if not spare and not replaces and self._filled() >= self.sb.members_expected:
+        widened = not spare and not replaces and self._filled() >= self.sb.members_expected
+        if widened:
             self.sb.members_expected = self._filled() + 1  # a mirror grows by one
         if slot < len(slots):
             slots[slot] = entry
@@ -994,7 +1121,7 @@ class Volume:
             rl = self.regions
             await self._begin_rebuild(x, entry, Bitmap.full(rl.nregions, rl.nbytes), True,
                                       replaces=replaces, zeroed=nm.created)
-        return self._describe(x)
+        return {**self._describe(x), "widened": widened}
 
     def _sb_for_new(self, slot: int) -> Superblock:
         sb = self.sb.copy()
@@ -1006,7 +1133,8 @@ class Volume:
         return {"path": x.path, "state": x.state, "slot": x.slot,
                 "kind": None if p is None else ("full" if p.full else "resync"),
                 "total_bytes": None if p is None else p.total_bytes,
-                "left_bytes": None if p is None else p.total_bytes - p.done_bytes}
+                "left_bytes": None if p is None else p.total_bytes - p.done_bytes,
+                "members_expected": self.sb.members_expected}
 
     async def rebuild_all(self, max_rate: int | None = None) -> list[dict[str, Any]]:
         """Resilver every member that needs it (`raid1fs rebuild`): resume

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
 
-from conftest import MiB, data_region_hash, member_entry, member_state, raid1fs, status_json
+from conftest import (
+    MiB,
+    _unmount_raid1fs,
+    data_region_hash,
+    member_entry,
+    member_state,
+    one_line,
+    raid1fs,
+    status_json,
+)
+
+
+def _mountpoint(env):
+    """The test's mount point, unmounted at its end whatever happened (these
+    tests mount and unmount by hand)."""
+    mnt = env.mkdir("mnt")
+    env.cleanup.push(_unmount_raid1fs, str(mnt))
+    return mnt
 
 
 def _write(mnt, data: bytes, offset: int = 0) -> None:
@@ -68,7 +86,7 @@ def test_split_brain_is_refused_and_prefer_resolves_it(env):
     refused naming both; --prefer picks the winner, whose data the volume
     then shows, and the loser is stale."""
     a, b = env.create("a.img", "b.img", size="16M")
-    mnt = env.mkdir("mnt")
+    mnt = _mountpoint(env)
     for member, byte in ((a, b"A"), (b, b"B")):
         raid1fs("mount", "--degraded", member, mnt)
         _write(mnt, byte * MiB)
@@ -111,7 +129,7 @@ def test_failed_member_is_behind_unless_it_was_used_alone_since(env):
     with each of them, refused."""
     a, b, c = env.create("a.img", "b.img", "c.img", size="16M")
     d = env.path("d.img")
-    mnt = env.mkdir("mnt")
+    mnt = _mountpoint(env)
     raid1fs("mount", a, b, c, mnt)
     raid1fs("fail", mnt, c)
     raid1fs("add", mnt, d)
@@ -142,3 +160,121 @@ def test_missing_member_refused_without_degraded(env):
     r = raid1fs("mount", b, env.mkdir("mnt"), check=False)
     assert r.returncode != 0 and str(a) in r.stderr and "--degraded" in r.stderr
     assert open(b, "rb").read() == before
+
+
+def test_split_brain_settled_by_prefer_stays_settled(env):
+    """a and b, with spare s. b fails, s takes its place; b is then mounted
+    alone and written. Offline status calls that volume not clean (exit 1),
+    mount refuses it; --prefer a settles it for good: b, surplus now, stays
+    stale, the next mount without --prefer works, and `add b` later resyncs
+    b over what either side wrote alone (b's own writes too)."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    s = env.path("s.img")
+    mnt = _mountpoint(env)
+    raid1fs("mount", a, b, mnt)
+    raid1fs("add", "--spare", mnt, s)
+    raid1fs("fail", mnt, b)
+    raid1fs("rebuild", "--wait", mnt)
+    _write(mnt, b"A" * MiB)
+    raid1fs("umount", mnt)
+    raid1fs("mount", "--degraded", b, mnt)
+    _write(mnt, b"B" * MiB, 4 * MiB)
+    raid1fs("umount", mnt)
+
+    r = raid1fs("status", "--json", a, b, s, check=False)
+    st = json.loads(r.stdout)
+    assert st["volume"]["split_brain"] and st["volume"]["state"] != "clean", st["volume"]
+    assert r.returncode == 1
+    assert raid1fs("mount", a, b, s, mnt, check=False).returncode != 0
+
+    raid1fs("mount", "--prefer", a, a, b, s, mnt)
+    assert member_state(status_json(mnt), b) == "stale"
+    raid1fs("umount", mnt)
+    r = raid1fs("status", "--json", a, b, s, check=False)
+    st = json.loads(r.stdout)
+    assert "split_brain" not in st["volume"] and r.returncode == 0, st["volume"]
+
+    raid1fs("mount", a, b, s, mnt)  # no --prefer needed any more
+    assert member_state(status_json(mnt), b) == "stale"
+    assert _read(mnt, MiB, 4 * MiB) == bytes(MiB)  # a's side: b's write lost
+    raid1fs("add", mnt, b)
+    raid1fs("rebuild", "--wait", "--max-rate", "0", mnt)
+    assert member_state(status_json(mnt), b) == "online"
+    raid1fs("umount", mnt)
+    assert data_region_hash(a) == data_region_hash(b) == data_region_hash(s)
+
+
+def test_removed_member_is_refused_and_shown_removed(env):
+    """A member failed and removed is told so as it leaves: mounted alone,
+    even --degraded, it is refused; offline status of it alone says it is
+    no longer a member (exit 3), and with the others lists it as removed,
+    apart from the members of a clean volume. Nothing is written."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    c = env.path("c.img")
+    mnt = _mountpoint(env)
+    raid1fs("mount", a, b, mnt)
+    raid1fs("add", mnt, c)
+    raid1fs("rebuild", "--wait", mnt)
+    raid1fs("fail", mnt, c)
+    r = raid1fs("remove", mnt, c)
+    assert "now a 2-way mirror" in r.stdout, r.stdout  # the add had widened it
+    raid1fs("umount", mnt)
+    before = [open(p, "rb").read() for p in (a, b, c)]
+
+    r = raid1fs("status", c, check=False)
+    assert r.returncode == 3 and "no longer a member" in one_line(r.stderr), r.stderr
+    for args in ((c,), ("--degraded", c), (a, b, c)):
+        r = raid1fs("mount", *args, mnt, check=False)
+        assert r.returncode != 0 and str(c) in r.stderr and "removed" in r.stderr, r.stderr
+        assert not os.path.ismount(mnt)
+    r = raid1fs("status", "--json", a, b, c, check=False)
+    st = json.loads(r.stdout)
+    assert st["volume"]["removed"] == [str(c)] and st["volume"]["state"] == "clean"
+    assert str(c) not in [m["path"] for m in st["members"]] and r.returncode == 0
+    assert "removed: " in raid1fs("status", a, b, c).stdout
+    assert [open(p, "rb").read() for p in (a, b, c)] == before
+
+
+def test_member_removed_while_absent_is_refused_not_split(env):
+    """A member removed while it was absent cannot be told; mounted alone
+    and written since, it is still recognised, by the others' metadata, as
+    removed: refused as such, not as half of a split brain."""
+    a, b, c = env.create("a.img", "b.img", "c.img", size="16M")
+    mnt = _mountpoint(env)
+    raid1fs("mount", "--degraded", a, b, mnt)
+    raid1fs("remove", mnt, c)
+    raid1fs("umount", mnt)
+    raid1fs("mount", "--degraded", c, mnt)  # c cannot know
+    _write(mnt, b"C" * MiB)
+    raid1fs("umount", mnt)
+    r = raid1fs("mount", a, b, c, mnt, check=False)
+    assert r.returncode != 0 and "split brain" not in r.stderr, r.stderr
+    assert str(c) in r.stderr and "removed" in r.stderr, r.stderr
+
+
+def test_remove_narrows_the_mirror_down_to_two_ways(env):
+    """`add` to a full mirror widens it (and says so); failing and removing
+    a member narrows it again, so a mistaken add, or a new member that died
+    in its rebuild, does not leave the volume degraded for good. A 2-way
+    mirror stays 2-way: it is degraded until a member is added."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    c = env.path("c.img")
+    mnt = env.mount(a, b)
+    r = raid1fs("add", mnt, c)
+    assert "now a 3-way mirror" in r.stdout, r.stdout
+    raid1fs("rebuild", "--wait", mnt)
+    raid1fs("fail", mnt, c)
+    assert status_json(mnt)["volume"]["state"] == "degraded"
+    raid1fs("remove", mnt, c)
+    r = raid1fs("status", "--json", mnt, check=False)
+    st = json.loads(r.stdout)
+    assert (st["volume"]["members_expected"], st["volume"]["state"], r.returncode) == \
+        (2, "clean", 0)
+    raid1fs("fail", mnt, b)
+    r = raid1fs("remove", mnt, b)
+    assert "-way mirror" not in r.stdout, r.stdout
+    st = status_json(mnt)
+    assert (st["volume"]["members_expected"], st["volume"]["state"]) == (2, "degraded")
+    raid1fs("umount", mnt)
+    st = status_json(a)
+    assert (st["volume"]["members_expected"], st["volume"]["state"]) == (2, "degraded")

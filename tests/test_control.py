@@ -345,6 +345,9 @@ def test_readonly_mount(env):
     assert r.returncode == 1 and "read-only" in r.stderr
     r = raid1fs("remove", mnt, a, check=False)  # would last only until the next mount
     assert r.returncode == 1 and "read-only" in r.stderr
+    r = raid1fs("rebuild", mnt, check=False)
+    assert r.returncode == 1 and one_line(r.stderr).startswith(f"raid1fs: {mnt}: "), r.stderr
+    assert "read-only" in r.stderr
     raid1fs("umount", mnt)
     assert {str(p): sha256(p) for p in (a, b)} == before
 
@@ -501,3 +504,55 @@ def test_status_of_members_finds_a_mount_with_an_unusual_name(env):
     r = raid1fs("status", "--json", a, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout)["volume"]["mountpoint"] == str(mnt)
+
+
+def test_members_named_another_way(env):
+    """fail and remove take a member under another name of the same file
+    (a symlink, as /dev/disk/by-id names a disk) and answer with the name
+    the volume knows it by."""
+    (a, b), mnt = env.volume(size="16M")
+    link = env.path("by-id-a")
+    link.symlink_to(a)
+    r = raid1fs("fail", mnt, link)
+    assert r.stdout.strip() == f"{a}: failed", r.stdout
+    r = raid1fs("remove", mnt, link)
+    assert r.stdout.strip() == f"{a}: removed", r.stdout
+    assert [m["path"] for m in status_json(mnt)["members"]] == [str(b)]
+
+
+def test_commands_after_the_mount_process_was_killed(env):
+    """kill -9 of the mount process: status and fail say that its process is
+    gone and how to go on (not "not a raid1fs mount point"); umount detaches
+    it."""
+    (a, b), mnt = env.volume(size="16M")
+    pid = status_json(mnt)["daemon"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+             open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] == "Z", what="mount gone")
+    for cmd in (("status", mnt), ("fail", mnt, a)):
+        r = raid1fs(*cmd, check=False)
+        line = one_line(r.stderr)
+        assert r.returncode not in (0, 2) and "process of this mount is gone" in line, r.stderr
+        assert f"raid1fs umount {mnt}" in line
+    raid1fs("umount", mnt)
+    assert not os.path.ismount(mnt)
+
+
+def test_degraded_mount_names_the_members_not_given(env):
+    """--degraded with a member simply not named: mount says which."""
+    a, b, c = env.create("a.img", "b.img", "c.img", size="16M")
+    mnt = env.mkdir("mnt")
+    r = raid1fs("mount", "--degraded", a, b, mnt)
+    env.cleanup.push(_unmount_raid1fs, str(mnt))
+    assert f"{c}: not given; mounting without it" in r.stderr, r.stderr
+    assert member_state(status_json(mnt), c) == "missing"
+
+
+def test_other_user_cannot_umount(env):
+    """A user who neither is root nor mounted the volume gets a clear
+    refusal from `raid1fs umount`, and the mount stays."""
+    (a, b), mnt = env.volume(size="16M")
+    r = raid1fs("umount", mnt, user=NOBODY, check=False)
+    line = one_line(r.stderr)
+    assert r.returncode not in (0, 2) and "only root and the user who mounted it" in line, line
+    assert os.path.ismount(mnt)

@@ -335,3 +335,78 @@ def test_io_threads_grow_only_when_calls_would_queue():
         assert w.busy == 0
 
     trio.run(main)
+
+
+def _engine_volume(tmp_path, n: int = 2):
+    from raid1fs.assemble import assemble, read_members
+    from raid1fs.create import create_disk
+    from raid1fs.volume import Volume
+
+    paths = [str(tmp_path / f"m{i}.img") for i in range(n)]
+    create_disk(paths, "t", 8 << 20, True, False)
+    found = read_members(paths)
+    return Volume(assemble(found)), found
+
+
+def test_a_checkpoint_records_only_what_its_fdatasync_covered(tmp_path, monkeypatch):
+    """Rule 15: a rebuild checkpoint names only data made durable first.
+    While the checkpoint's fdatasync runs, the rebuild copies on: the
+    position recorded is the one from before the fdatasync, not the one
+    reached when the metadata is written."""
+    import os
+
+    from raid1fs.assemble import close_all
+    from raid1fs.bitmap import Bitmap
+
+    vol, found = _engine_volume(tmp_path)
+    b = vol.members[1]
+    real_fdatasync = os.fdatasync
+
+    async def scenario() -> None:
+        await vol.start()
+        rl = vol.regions
+        entry = vol.sb.roster_entry(b.uuid)
+        vol._set_rebuilding(b, entry, Bitmap.full(rl.nregions, rl.nbytes), full=True)
+        b.rebuild.pending.clear_range(0, 2)  # two regions copied: position 2 regions
+
+        def fdatasync_while_copying(fd: int) -> None:
+            b.rebuild.pending.clear_range(2, 5)  # copied during the sync: not covered
+            real_fdatasync(fd)
+        monkeypatch.setattr(os, "fdatasync", fdatasync_while_copying)
+        await vol._checkpoint()
+        monkeypatch.undo()
+        assert vol.sb.roster_entry(b.uuid).rebuild_pos == 2 * rl.region
+
+    try:
+        trio.run(scenario)
+    finally:
+        close_all(found)
+
+
+def test_a_failed_member_whose_io_still_hangs_is_not_re_added(tmp_path):
+    """Re-adding a failed member while a write to it still hangs would let
+    that write land after the resync copied its region: refused, with a
+    one-line reason naming it, until the I/O ends."""
+    from raid1fs.assemble import close_all
+    from raid1fs.errors import Raid1fsError
+
+    vol, found = _engine_volume(tmp_path)
+    a = vol.members[0]
+
+    async def scenario() -> None:
+        await vol.start()
+        await vol.fail(a.path)
+        a.workers.busy += 1  # a call from before the failure, still hung
+        try:
+            with pytest.raises(Raid1fsError, match="still hangs") as e:
+                await vol.add(a.path)
+            assert str(e.value).startswith(a.path)
+        finally:
+            a.workers.busy -= 1
+        assert (await vol.add(a.path))["state"] == "rebuilding"
+        await vol.shutdown()
+
+    try:
+        trio.run(scenario)
+    finally:
+        close_all(found)

@@ -20,10 +20,12 @@ from conftest import (
     faultfs,
     member_entry,
     member_state,
+    one_line,
     raid1fs,
     run,
     sha256,
     status_json,
+    wait_for,
 )
 
 
@@ -240,3 +242,44 @@ def test_reads_prefer_the_faster_member(env):
     assert fast > 10 * max(slow, 1), (slow, fast)
     faultfs("set", ffs, "ok")
 
+
+
+def test_add_of_a_hung_path_gives_up_after_the_io_timeout(env):
+    """`add` of a new image on a file system that hangs: the command fails
+    after about --io-timeout, naming the path, instead of holding every
+    other admin command (a spare's takeover too) for as long as the hang
+    lasts; and when the hang ends, the add does not happen after all."""
+    _, ffs = env.faultfs()
+    a, b = env.create("a.img", "b.img", size="16M")
+    s = env.path("s.img")
+    mnt = env.mount(a, b, opts=["--io-timeout", "1.5"])
+    raid1fs("add", "--spare", mnt, s)
+    faultfs("set", ffs, "hang")
+    t0 = time.monotonic()
+    r = raid1fs("add", mnt, ffs / "new.img", check=False)
+    elapsed = time.monotonic() - t0
+    assert r.returncode not in (0, 2) and str(ffs / "new.img") in one_line(r.stderr), r.stderr
+    assert "no answer within" in r.stderr and elapsed < 1.5 * 2 + 5, (elapsed, r.stderr)
+    raid1fs("fail", mnt, a)  # the spare takes over at once: the admin lock is free
+    wait_for(lambda: member_state(status_json(mnt), s) in ("rebuilding", "online"),
+             timeout=10, what="the spare taking over")
+    faultfs("set", ffs, "ok")
+    time.sleep(1)
+    assert str(ffs / "new.img") not in [m["path"] for m in status_json(mnt)["members"]]
+
+
+def test_umount_says_so_when_a_member_fails_in_the_final_flush(env):
+    """A member that hangs in the final flush of `raid1fs umount` is failed
+    after --io-timeout: the unmount works (exit 0) and says that the volume
+    is now degraded."""
+    _, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="16M")
+    mnt = env.mount(a, b, opts=["--io-timeout", "1.5"])
+    with open(mnt / "disk", "r+b") as f:
+        f.write(os.urandom(MiB))
+    faultfs("set", ffs, "hang")
+    r = raid1fs("umount", mnt, check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"{a} failed while the mount shut down" in r.stderr, r.stderr
+    faultfs("set", ffs, "ok")
+    assert member_state(status_json(a, b), a) == "stale"

@@ -498,6 +498,12 @@ def test_disk_matches_plain_file_while_members_change(churn):
             p = cands[i % len(cands)]
             if not self.on_old("remove", p):
                 return self.run_io(ops)
+            # The mirror narrows to what it holds or is being given, down
+            # to two ways (a spare may be taking over meanwhile: one more).
+            olds = set(self.replacing.values()) & set(self.having("online", "rebuilding"))
+            f = self.filled() - len(olds)
+            more = [1] if self.having("spare") else []
+            self.widths = {max(2, min(w, f + d)) for w in self.widths for d in [0, *more]}
             del self.state[p]
             self.brought.discard(p)
             self.unused.append(p)

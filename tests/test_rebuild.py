@@ -635,7 +635,8 @@ def test_rebuild_wait_on_a_degraded_volume_exits_1(env):
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "nothing to rebuild" in r.stdout, r.stdout
     lines = r.stdout.strip().splitlines()
-    assert f"{a}: failed" in lines and lines[-1] == "volume degraded", r.stdout
+    assert f"{a}: failed (failed by the operator)" in lines, r.stdout
+    assert lines[-1] == "volume degraded", r.stdout
     st = status_json(mnt)
     assert paths_and_states(st) == [(str(a), "failed"), (str(b), "online")]
 
@@ -661,3 +662,31 @@ def test_lifting_the_rate_limit_takes_effect_at_once(env):
     assert paths_and_states(st) == [(str(b), "online"), (str(c), "online")]
     assert took < 5, (f"rebuild --wait took {took:.1f} s after the limit was lifted: "
                       "the copy still waited at the old rate of 512K/s")
+
+
+def test_offline_rebuild_refuses_a_member_left_out(env):
+    """`rebuild A` of a volume of A and B: refused like mount without
+    --degraded (B would be marked stale for good), naming B; nothing written."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    before = [sha256(p) for p in (a, b)]
+    r = raid1fs("rebuild", a, check=False)
+    assert r.returncode not in (0, 2) and str(b) in one_line(r.stderr), r.stderr
+    assert "missing" in r.stderr
+    assert [sha256(p) for p in (a, b)] == before
+    assert raid1fs("status", a, b, check=False).returncode == 0
+
+
+def test_rebuild_wait_reports_only_the_rebuilds_it_waited_for(env):
+    """A spare's takeover finished earlier; `rebuild --wait` during a later
+    replace reports the replace's rebuild, not the spare's again."""
+    (a, b), mnt = env.volume(size="16M")
+    s, c = env.path("s.img"), env.path("c.img")
+    raid1fs("add", "--spare", mnt, s)
+    raid1fs("fail", mnt, a)
+    raid1fs("rebuild", "--wait", mnt)
+    assert member_state(status_json(mnt), s) == "online"
+    raid1fs("rebuild", "--max-rate", "2M", mnt)
+    raid1fs("replace", mnt, b, c)
+    r = raid1fs("rebuild", "--wait", "--max-rate", "0", mnt)
+    assert f"{c}: full done" in r.stdout, r.stdout
+    assert str(s) not in r.stdout, r.stdout
