@@ -323,6 +323,9 @@ def _rebuild_online(a: argparse.Namespace) -> int:
     started = control.request(mp, "rebuild", max_rate=a.max_rate)
     from raid1fs.sizes import format_size
 
+    if a.max_rate is not None:
+        print("rebuild rate limit: " + (f"{format_size(a.max_rate)}/s" if a.max_rate
+                                        else "none"))
     for r in started:
         kind = "full rebuild" if r["kind"] == "full" else "resync"
         print(f"{r['path']}: {kind} {r['action']}, {format_size(r['left_bytes'])} to copy")

@@ -158,8 +158,14 @@ def format_human(st: dict[str, Any]) -> str:
         rb = mem.get("rebuild")
         if rb:
             pct = 100.0 * rb["done_bytes"] / max(1, rb["total_bytes"])
-            lines.append(f"        rebuilding {pct:.0f}%  {format_size(rb['rate_bytes_per_s'])}/s"
-                         f"  ETA {_eta(rb.get('eta_s'))}")
+            if rb.get("running", True):
+                lines.append(f"        rebuilding {pct:.0f}%  "
+                             f"{format_size(rb['rate_bytes_per_s'])}/s"
+                             f"  ETA {_eta(rb.get('eta_s'))}")
+            else:  # offline, or stopped on an error (below)
+                lines.append(f"        rebuild stopped at {pct:.0f}%"
+                             + (f": {rb['error']}" if rb.get("error") else
+                                "; it resumes at the next mount or `raid1fs rebuild`"))
         if mem.get("fail_reason"):
             notes.append(f"  {mem['path']}: {mem['fail_reason']}")
         for p in mem.get("metadata_problems") or []:

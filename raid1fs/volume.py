@@ -411,7 +411,11 @@ class Volume:
                     log.warning("read-only mount after an unclean shutdown: %s serves no "
                                 "reads until a read-write mount resyncs it", x.path)
         self.mounted = True
-        if self.state != CLEAN:
+        # Degraded: a member is away, or the volume is short of in-sync ones
+        # with nothing rebuilding. Not a resync after a crash with every
+        # member there (rebuild-started says that one).
+        away = any(e.state in ABSENT_STATES for e in self.sb.roster)
+        if self.state in (DEGRADED, VFAILED) or (self.state != CLEAN and away):
             self.events.emit("degraded", "", f"volume starts {self.state}")
         if nursery is not None and not self.readonly:
             for x in self.members:

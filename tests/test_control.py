@@ -556,3 +556,32 @@ def test_other_user_cannot_umount(env):
     line = one_line(r.stderr)
     assert r.returncode not in (0, 2) and "only root and the user who mounted it" in line, line
     assert os.path.ismount(mnt)
+
+
+def test_resync_after_a_crash_is_not_reported_degraded(env):
+    """After kill -9 with writes in flight the next mount resyncs with every
+    member there: `rebuild-started`, but no `degraded` (a pager on it would
+    fire at every crash recovery); a member missing at mount still is."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    script = env.path("ev.sh")
+    script.write_text('#!/bin/sh\necho "$RAID1FS_EVENT" >> events.log\n')
+    script.chmod(0o755)
+    log = env.path("events.log")
+    mnt = env.mkdir("mnt")
+    env.cleanup.push(_unmount_raid1fs, str(mnt))
+    raid1fs("mount", a, b, mnt)
+    with open(mnt / "disk", "r+b") as f:
+        f.write(os.urandom(MiB))
+    pid = status_json(mnt)["daemon"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+             open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] == "Z", what="mount gone")
+    raid1fs("umount", mnt)
+    raid1fs("mount", "--on-event", "./ev.sh", a, b, mnt, cwd=env.tmp)
+    raid1fs("rebuild", "--wait", mnt)
+    raid1fs("umount", mnt)
+    events = log.read_text().split()
+    assert "rebuild-started" in events and "degraded" not in events, events
+    raid1fs("mount", "--degraded", "--on-event", "./ev.sh", b, mnt, cwd=env.tmp)
+    raid1fs("umount", mnt)
+    assert log.read_text().split()[len(events):] == ["degraded"], log.read_text()

@@ -366,7 +366,10 @@ def test_interrupted_replace_resumes_from_checkpoint(env, how):
     assert 0 < ckpt < size, ckpt
     if how.startswith("umount"):
         assert ckpt >= 80 * MiB, ckpt  # umount checkpoints where it stopped
-    assert raid1fs("status", a, b, c, check=False).returncode == 1
+    human = raid1fs("status", a, b, c, check=False)
+    assert human.returncode == 1
+    assert re.search(r"rebuild stopped at \d+%; it resumes at the next mount", human.stdout), \
+        human.stdout
 
     mnt = env.mount(a, b, c, opts=["--max-rebuild-rate", "16M"])  # detaches a dead mount
     st = status_json(mnt)
