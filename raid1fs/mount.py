@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -321,6 +322,32 @@ def log_path(mountpoint: str) -> str:
     return os.path.join(control.run_dir(), control.mount_key(mountpoint) + ".log")
 
 
+LOG_KEEP_DAYS = 30
+
+
+def prune_run_dir(directory: str, now: float | None = None) -> None:
+    """Remove the logs and exit reports of mount points not mounted now and
+    untouched for LOG_KEEP_DAYS (one log per mount point ever used would
+    otherwise pile up until reboot). Best effort."""
+    now = time.time() if now is None else now
+    live = {control.mount_key(mp) for mp, fstype, _ in control.mounts()
+            if fstype == "fuse.raid1fs"}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        key, dot, ext = name.partition(".")
+        if ext not in ("log", "sock.exit") or key in live:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if now - os.stat(path).st_mtime > LOG_KEEP_DAYS * 86400:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
 def run(req: MountRequest) -> int:
     """The `mount` command. Returns the exit status."""
     mountpoint, plan = prepare(req)
@@ -328,6 +355,7 @@ def run(req: MountRequest) -> int:
         setup_logging(None)
         return _daemon_main(req, mountpoint, plan, None)
     os.makedirs(control.run_dir(), mode=0o755, exist_ok=True)
+    prune_run_dir(control.run_dir())
     r, w = os.pipe()
     pid = os.fork()
     if pid:

@@ -585,3 +585,26 @@ def test_resync_after_a_crash_is_not_reported_degraded(env):
     raid1fs("mount", "--degraded", "--on-event", "./ev.sh", b, mnt, cwd=env.tmp)
     raid1fs("umount", mnt)
     assert log.read_text().split()[len(events):] == ["degraded"], log.read_text()
+
+
+def test_mount_prunes_old_logs_of_mount_points_not_in_use(env):
+    """Each mount point ever used leaves a log in the run directory; mount
+    removes those (and unread exit reports) untouched for 30 days, unless
+    that mount point is mounted now."""
+    run_dir = os.environ["RAID1FS_RUN_DIR"]
+    old = time.time() - 40 * 86400
+    (a, b), mnt = env.volume(size="16M")
+    live_log = os.path.join(run_dir, control.mount_key(str(mnt)) + ".log")
+    stale = [os.path.join(run_dir, n) for n in ("0123456789abcdef.log",
+                                                  "0123456789abcdef.sock.exit")]
+    fresh = os.path.join(run_dir, "fedcba9876543210.log")
+    for p in [*stale, fresh]:
+        with open(p, "w") as f:
+            f.write("x\n")
+    for p in [*stale, live_log]:
+        os.utime(p, (old, old))
+    c, d = env.create("c.img", "d.img", size="16M")
+    env.mount(c, d, mp="mnt2")
+    assert not any(os.path.exists(p) for p in stale)
+    assert os.path.exists(fresh) and os.path.exists(live_log)
+    os.unlink(fresh)
