@@ -162,15 +162,14 @@ def _left_quietly(x: Superblock, y: Superblock) -> bool:
 
 
 def removed_members(found: list[Found]) -> list[Found]:
-    """Members removed from the volume: one whose own metadata no longer
-    lists it (remove and replace write that to it as it leaves, when they
-    can), or one that another member given here names as removed. Such a
-    member holds an old copy of the data whatever its event counter says
-    (it may have been mounted alone since): never the authority, never half
-    of a split brain."""
-    return [x for x in found
-            if x.sb.roster_entry(x.sb.member_uuid) is None
-            or any(y.sb.was_removed(x.sb.member_uuid) for y in found)]
+    """Members removed from the volume: named as removed by a member given
+    here, or by their own metadata (remove and replace write that to a
+    member as it leaves, when they can). Such a member holds an old copy of
+    the data whatever its event counter says (it may have been mounted
+    alone since): never the authority, never half of a split brain. (A
+    member whose own roster merely lacks itself is not one: a new member
+    has such metadata until the commit that names it lands.)"""
+    return [x for x in found if any(y.sb.was_removed(x.sb.member_uuid) for y in found)]
 
 
 def find_split_brain(found: list[Found]) -> list[tuple[Found, Found]]:
@@ -220,7 +219,13 @@ def assemble(
         if not chosen:
             raise AssemblyError(f"{prefer}: --prefer names a path that is not among the members")
         authority = chosen[0]
-        for pair in find_split_brain(found):
+        pairs = find_split_brain(found)
+        if not any(authority in pair for pair in pairs):
+            # Without a split, the roster of a member that is behind would
+            # call the others and itself in sync, with different data.
+            raise AssemblyError(f"{prefer}: not one side of a split brain among the members "
+                                "given; --prefer only settles one (leave it out)")
+        for pair in pairs:
             overruled += [f for f in pair if f is not authority and f not in overruled]
     else:
         split = find_split_brain(found)

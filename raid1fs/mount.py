@@ -269,7 +269,8 @@ def _report_exit(sock_path: str, failed: list[dict[str, str]]) -> None:
     """What `raid1fs umount` tells the operator once this process is gone."""
     path = control.exit_report_path(sock_path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"failed": failed}, f)
     except OSError as e:

@@ -55,7 +55,7 @@ MISSING = "missing"  # was absent at a degraded mount: stale until rebuilt
 SPARE = "spare"  # a hot spare
 REBUILDING = "rebuilding"  # being rebuilt; rebuild_pos is its checkpoint
 REMOVED = "removed"  # an empty slot: its member was removed
-REMOVED_KEPT = 32  # removed member UUIDs a superblock remembers (~1.2 KiB of 4)
+REMOVED_KEPT = 16  # removed member UUIDs a superblock remembers (~640 bytes of 4 KiB)
 ROSTER_STATES = (ACTIVE, FAILED, MISSING, SPARE, REBUILDING, REMOVED)
 ABSENT_STATES = (FAILED, MISSING)  # slots that miss writes
 
@@ -200,6 +200,9 @@ class Superblock:
 
     def encode(self) -> bytes:
         payload = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+        while _HEADER.size + len(payload) > SB_SIZE and self.removed:
+            self.removed.pop(0)  # the oldest removal is forgotten first
+            payload = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
         if _HEADER.size + len(payload) > SB_SIZE:
             raise MetadataError(f"superblock of member {self.member_uuid} is too large")
         block = bytearray(SB_SIZE)

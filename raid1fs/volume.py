@@ -60,6 +60,16 @@ class GivenUp(Raid1fsError):
     may still be running."""
 
 
+def _drop_new(nm: create.NewMember) -> None:
+    """Undo an open_new_member that returned after it was given up."""
+    os.close(nm.fd)
+    if nm.created:  # a sparse image made for it: nothing else uses it
+        try:
+            os.unlink(nm.path)
+        except OSError:
+            pass
+
+
 def _park_fd(fd: int) -> None:
     """Point fd at /dev/null, read-only: the file it named is let go, and a
     late call through the number fails instead of reaching whatever file
@@ -264,7 +274,7 @@ class Volume:
         if late is not None and undo is not None:
             undo(late)
         raise GivenUp(f"{path}: no answer within the {self.io_timeout:g} s I/O timeout; "
-                      "nothing was changed")
+                      "not added")
 
     # ----- metadata ---------------------------------------------------------
 
@@ -388,15 +398,18 @@ class Volume:
             self.sb.roster[slot].state = MISSING
             self.sb.roster[slot].gone_events = -1
             log.warning("member missing: %s (slot %d)", path or "?", slot)
-        # --prefer settled a split brain: the winner's roster records every
-        # overruled member gone as of this mount, and this mount's counter
-        # starts above every member's, theirs included, so the next assembly
-        # finds them behind (stale), not split again.
+        # --prefer settled a split brain: this mount's counter starts above
+        # every member's (the winner stays the authority), and the winner's
+        # roster records each overruled member gone right after its own last
+        # change, so the next assembly finds it behind (stale), not split.
         self.sb.events = max([self.sb.events] + [x.sb.events for x in self.members])
-        for uuid in self._overruled:
-            entry = self.sb.roster_entry(uuid)
-            if entry is not None and entry.state in ABSENT_STATES:
-                entry.gone_events = -1
+        for x in self.members:
+            entry = self.sb.roster_entry(x.uuid)
+            if x.uuid in self._overruled and entry is not None and \
+                    entry.state in ABSENT_STATES:
+                # Gone just after its own last change: behind now, split
+                # again as soon as it is used alone once more.
+                entry.gone_events = x.sb.events + 1
         if not self.readonly:
             await self._plan_rebuilds()
             await self._flush_regions()
@@ -504,6 +517,7 @@ class Volume:
         rl = self.regions
         x.state = m.REBUILDING
         x.fail_reason = ""
+        x.last_rebuild = None  # "the last one finished": not while another runs
         x.rebuild = Progress(pending, full, rl.bytes_of(pending), rl.region, rl.size,
                              replaces=replaces, zeroed=zeroed)
         entry.state = REBUILDING
@@ -964,10 +978,15 @@ class Volume:
         return outcome(x.path)
 
     def _narrow(self, sb: Superblock) -> None:
-        """After a removal: expect no more members than the volume has or is
-        being given, but never fewer than two."""
-        if sb is self.sb and sb.members_expected > 2:
-            sb.members_expected = max(2, min(sb.members_expected, self._filled()))
+        """After a removal: expect no more members than the roster still
+        names (in sync, being rebuilt, or away: failed or missing ones may
+        come back), so the mirror narrows by at most the slot removed, and
+        never below two ways."""
+        named = {e.uuid for e in sb.roster
+                 if e.uuid and e.state in (ACTIVE, REBUILDING, *ABSENT_STATES)}
+        leaving = {e.replaces for e in sb.roster
+                   if e.state == REBUILDING and e.replaces in named}
+        sb.members_expected = max(2, min(sb.members_expected, len(named) - len(leaving)))
 
     async def _disown(self, x: Member) -> None:
         """Tell a member that just left the volume so, if it still answers:
@@ -1045,7 +1064,7 @@ class Volume:
                 return await self._readd(existing, spare)
             nm = await self._bounded(
                 path, create.open_new_member, p, self.sb.data_offset + self.size,
-                self.sb.volume_uuid, undo=lambda nm: os.close(nm.fd))
+                self.sb.volume_uuid, undo=_drop_new)
             try:
                 if nm.old_sb is not None and not replaces:
                     entry = self.sb.roster_entry(nm.old_sb.member_uuid)

@@ -278,3 +278,105 @@ def test_remove_narrows_the_mirror_down_to_two_ways(env):
     raid1fs("umount", mnt)
     st = status_json(a)
     assert (st["volume"]["members_expected"], st["volume"]["state"]) == (2, "degraded")
+
+
+def test_a_new_split_after_prefer_is_found_again(env):
+    """--prefer settles a split for good, but only that one: the loser,
+    used alone once more afterwards, is split again, even when the winner's
+    counter is far ahead of its own."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    s = env.path("s.img")
+    mnt = _mountpoint(env)
+    raid1fs("mount", a, b, mnt)
+    raid1fs("add", "--spare", mnt, s)
+    raid1fs("fail", mnt, b)
+    raid1fs("rebuild", "--wait", mnt)
+    raid1fs("umount", mnt)
+    for _ in range(4):  # a's side goes on: its counter runs ahead of b's
+        raid1fs("mount", a, s, mnt)
+        raid1fs("umount", mnt)
+    raid1fs("mount", "--degraded", b, mnt)
+    _write(mnt, b"B" * MiB, 4 * MiB)
+    raid1fs("umount", mnt)
+    raid1fs("mount", "--prefer", a, a, b, s, mnt)
+    raid1fs("umount", mnt)
+    raid1fs("mount", "--degraded", b, mnt)  # a new split
+    _write(mnt, b"C" * MiB, 8 * MiB)
+    raid1fs("umount", mnt)
+    r = raid1fs("mount", a, b, s, mnt, check=False)
+    assert r.returncode != 0 and "split brain" in r.stderr and str(b) in r.stderr, r.stderr
+    assert json.loads(raid1fs("status", "--json", a, b, s, check=False).stdout)[
+        "volume"].get("split_brain")
+
+
+def test_prefer_without_a_split_is_refused(env):
+    """--prefer naming a member that is only behind (failed, not used since)
+    would make its old roster call both members in sync with different
+    data: refused, naming it; nothing written."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    mnt = _mountpoint(env)
+    raid1fs("mount", a, b, mnt)
+    raid1fs("fail", mnt, b)
+    _write(mnt, b"A" * MiB)
+    raid1fs("umount", mnt)
+    before = [open(p, "rb").read() for p in (a, b)]
+    r = raid1fs("mount", "--prefer", b, a, b, mnt, check=False)
+    assert r.returncode != 0 and str(b) in one_line(r.stderr), r.stderr
+    assert "split brain" in r.stderr
+    assert [open(p, "rb").read() for p in (a, b)] == before
+    assert not os.path.ismount(mnt)
+
+
+def test_remove_narrows_by_at_most_the_slot_removed(env):
+    """Failed and missing members still count: removing one member of a
+    4-way mirror whose other member is missing leaves it 3-way (the missing
+    one is resynced when it comes back), and a 3-way mirror whose failed
+    member was re-added stays 3-way after a newcomer that died is removed."""
+    a, b, c, d = env.create("a.img", "b.img", "c.img", "d.img", size="16M")
+    mnt = _mountpoint(env)
+    raid1fs("mount", "--degraded", a, b, d, mnt)  # c missing
+    raid1fs("fail", mnt, d)
+    r = raid1fs("remove", mnt, d)
+    assert "now a 3-way mirror" in r.stdout, r.stdout
+    raid1fs("umount", mnt)
+    raid1fs("mount", a, b, c, mnt)
+    assert member_state(status_json(mnt), c) in ("rebuilding", "online")
+    raid1fs("rebuild", "--wait", mnt)
+    st = status_json(mnt)
+    assert (st["volume"]["members_expected"], st["volume"]["state"]) == (3, "clean")
+
+    e = env.path("e.img")
+    raid1fs("fail", mnt, c)
+    raid1fs("add", mnt, e)  # takes c's place: not widened
+    raid1fs("fail", mnt, e)
+    r = raid1fs("remove", mnt, e)
+    assert "-way mirror" not in r.stdout, r.stdout
+    raid1fs("add", mnt, c)
+    raid1fs("rebuild", "--wait", mnt)
+    st = status_json(mnt)
+    assert (st["volume"]["members_expected"], st["volume"]["state"]) == (3, "clean")
+    raid1fs("umount", mnt)
+
+
+def test_new_member_not_yet_named_by_its_own_metadata_is_not_removed(env):
+    """A spare whose own metadata is as `add` first wrote it (a roster
+    without itself: the commit naming it reached only the others) is still
+    a member: the mount takes it, as a spare."""
+    from raid1fs.superblock import read_superblock, write_superblock
+
+    a, b = env.create("a.img", "b.img", size="16M")
+    s = env.path("s.img")
+    mnt = _mountpoint(env)
+    raid1fs("mount", a, b, mnt)
+    raid1fs("add", "--spare", mnt, s)
+    raid1fs("umount", mnt)
+    fd = os.open(s, os.O_RDWR)
+    try:
+        sb, _ = read_superblock(fd, str(s))
+        sb.roster = [e for e in sb.roster if e.uuid != sb.member_uuid]
+        write_superblock(fd, sb)
+    finally:
+        os.close(fd)
+    raid1fs("mount", a, b, s, mnt)
+    assert member_state(status_json(mnt), s) == "spare"
+    raid1fs("umount", mnt)

@@ -498,13 +498,14 @@ def test_disk_matches_plain_file_while_members_change(churn):
             p = cands[i % len(cands)]
             if not self.on_old("remove", p):
                 return self.run_io(ops)
-            # The mirror narrows to what it holds or is being given, down
-            # to two ways (a spare may be taking over meanwhile: one more).
-            olds = set(self.replacing.values()) & set(self.having("online", "rebuilding"))
-            f = self.filled() - len(olds)
+            del self.state[p]
+            # The mirror narrows to the members the roster still names (in
+            # sync, being rebuilt, failed or stale), down to two ways (a
+            # spare may be taking over meanwhile: one more).
+            named = self.having("online", "rebuilding", "failed", "stale")
+            f = len(named) - len(set(self.replacing.values()) & set(named))
             more = [1] if self.having("spare") else []
             self.widths = {max(2, min(w, f + d)) for w in self.widths for d in [0, *more]}
-            del self.state[p]
             self.brought.discard(p)
             self.unused.append(p)
             for new, old in list(self.replacing.items()):
