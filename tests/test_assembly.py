@@ -25,6 +25,20 @@ def _mountpoint(env):
     return mnt
 
 
+def _spare_took_the_place_of_b(env):
+    """A volume of a and b with spare s; b failed, s rebuilt in its place;
+    unmounted. Returns a, b, s, the mount point."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    s = env.path("s.img")
+    mnt = _mountpoint(env)
+    raid1fs("mount", a, b, mnt)
+    raid1fs("add", "--spare", mnt, s)
+    raid1fs("fail", mnt, b)
+    raid1fs("rebuild", "--wait", mnt)
+    raid1fs("umount", mnt)
+    return a, b, s, mnt
+
+
 def _write(mnt, data: bytes, offset: int = 0) -> None:
     fd = os.open(mnt / "disk", os.O_RDWR)
     try:
@@ -168,13 +182,8 @@ def test_split_brain_settled_by_prefer_stays_settled(env):
     mount refuses it; --prefer a settles it for good: b, surplus now, stays
     stale, the next mount without --prefer works, and `add b` later resyncs
     b over what either side wrote alone (b's own writes too)."""
-    a, b = env.create("a.img", "b.img", size="16M")
-    s = env.path("s.img")
-    mnt = _mountpoint(env)
-    raid1fs("mount", a, b, mnt)
-    raid1fs("add", "--spare", mnt, s)
-    raid1fs("fail", mnt, b)
-    raid1fs("rebuild", "--wait", mnt)
+    a, b, s, mnt = _spare_took_the_place_of_b(env)
+    raid1fs("mount", a, s, mnt)
     _write(mnt, b"A" * MiB)
     raid1fs("umount", mnt)
     raid1fs("mount", "--degraded", b, mnt)
@@ -284,14 +293,7 @@ def test_a_new_split_after_prefer_is_found_again(env):
     """--prefer settles a split for good, but only that one: the loser,
     used alone once more afterwards, is split again, even when the winner's
     counter is far ahead of its own."""
-    a, b = env.create("a.img", "b.img", size="16M")
-    s = env.path("s.img")
-    mnt = _mountpoint(env)
-    raid1fs("mount", a, b, mnt)
-    raid1fs("add", "--spare", mnt, s)
-    raid1fs("fail", mnt, b)
-    raid1fs("rebuild", "--wait", mnt)
-    raid1fs("umount", mnt)
+    a, b, s, mnt = _spare_took_the_place_of_b(env)
     for _ in range(4):  # a's side goes on: its counter runs ahead of b's
         raid1fs("mount", a, s, mnt)
         raid1fs("umount", mnt)
