@@ -410,3 +410,30 @@ def test_a_failed_member_whose_io_still_hangs_is_not_re_added(tmp_path):
         trio.run(scenario)
     finally:
         close_all(found)
+
+
+def test_a_new_rebuild_clears_the_last_ones_summary(tmp_path):
+    """members[].last_rebuild is the last rebuild finished: once another
+    starts it is cleared, so `rebuild --wait` never reports an old "done"
+    beside the new rebuild's failure."""
+    from raid1fs.assemble import close_all
+    from raid1fs.bitmap import Bitmap
+
+    vol, found = _engine_volume(tmp_path)
+    b = vol.members[1]
+
+    async def scenario() -> None:
+        await vol.start()
+        b.last_rebuild = {"kind": "resync", "copied_bytes": 1 << 20, "seconds": 0.1,
+                          "finished": 0.0}
+        rl = vol.regions
+        vol._set_rebuilding(b, vol.sb.roster_entry(b.uuid), Bitmap.full(rl.nregions, rl.nbytes),
+                            full=True)
+        assert b.last_rebuild is None
+        st = {m["path"]: m for m in vol.status()["members"]}
+        assert st[b.path]["last_rebuild"] is None and st[b.path]["rebuild"] is not None
+
+    try:
+        trio.run(scenario)
+    finally:
+        close_all(found)
