@@ -70,6 +70,11 @@ class Plan:
     overruled: list[Found] = field(default_factory=list)
     removed: list[Found] = field(default_factory=list)  # (offline status) see removed_members
 
+    @property
+    def needed(self) -> list[tuple[int, str]]:
+        """The missing slots that were in sync: a mount without them is degraded."""
+        return [(i, p) for i, p in self.missing if self.authority.roster[i].state == ACTIVE]
+
 
 def identity(path: str) -> tuple[object, ...]:
     """What makes two paths the same member: the inode, or the device."""
@@ -256,13 +261,13 @@ def assemble(
     present = {f.sb.member_uuid for f in found}
     missing = [(i, s.path) for i, s in enumerate(roster.roster)
                if s.state in (ACTIVE, REBUILDING) and s.uuid not in present]
-    needed = [(i, p) for i, p in missing if roster.roster[i].state == ACTIVE]
-    if strict and needed and not degraded:
-        names = ", ".join(p or f"slot {i}" for i, p in needed)
+    plan = Plan(roster, found, missing, split_brain, overruled, removed)
+    if strict and plan.needed and not degraded:
+        names = ", ".join(p or f"slot {i}" for i, p in plan.needed)
         raise AssemblyError(f"member missing: {names} (mount with --degraded to run without it)")
     if strict and not any(f.state == m.ONLINE for f in found):
         raise AssemblyError(
             f"{found[0].path}: no in-sync member among those given (all stale or spare)"
         )
-    return Plan(roster, found, missing, split_brain, overruled, removed)
+    return plan
 

@@ -162,13 +162,13 @@ def cmd_umount(a: argparse.Namespace) -> int:
     try:
         st = control.request(mp, "status", timeout=30)
     except ControlError:
-        from raid1fs.mount import clear_dead_mount, mounted_fstype
+        from raid1fs.mount import clear_dead_mount
 
         real = os.path.realpath(mp)
-        if mounted_fstype(real) != "fuse.raid1fs":
+        if control.mounted_fstype(real) != "fuse.raid1fs":
             raise
         clear_dead_mount(real)
-        if mounted_fstype(real) is not None:
+        if control.mounted_fstype(real) is not None:
             raise
         print(f"{PROG}: note: its mount process was gone, so the members were not marked "
               "clean: the next mount resyncs what may differ", file=sys.stderr)

@@ -90,6 +90,14 @@ def candidate_sockets(mountpoint: str) -> list[str]:
     return paths
 
 
+def mounted_fstype(path: str) -> str | None:
+    """The type of the file system mounted exactly at `path` (a real path), if any."""
+    for mp, fstype, _ in mounts():
+        if mp == path:
+            return fstype
+    return None
+
+
 def exit_report_path(sock_path: str) -> str:
     """Where a mount, as it exits, says what its shutdown did (members that
     failed in the final flush), for the `raid1fs umount` that waits for it."""
@@ -223,17 +231,10 @@ def request(mountpoint: str, cmd: str, timeout: float = 120.0, **args: Any) -> A
         err = Raid1fsError(reply.get("error", "unknown error"))
         err.exit_code = int(reply.get("exit", 1))
         raise err
-    if last_error and _is_raid1fs_mount(mountpoint):
+    if last_error and mounted_fstype(os.path.realpath(mountpoint)) == "fuse.raid1fs":
         raise ControlError(f"{mountpoint}: the raid1fs process of this mount is gone (killed?); "
                            f"`raid1fs umount {mountpoint}` detaches it, and the next mount "
                            "resyncs what was in flight")
     raise ControlError(f"{mountpoint}: not a raid1fs mount point"
                        + (f" ({last_error})" if last_error else ""))
 
-
-def _is_raid1fs_mount(path: str) -> bool:
-    try:
-        real = os.path.realpath(path)
-        return any(mp == real and fstype == "fuse.raid1fs" for mp, fstype, _ in mounts())
-    except OSError:
-        return False

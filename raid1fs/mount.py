@@ -35,7 +35,6 @@ from raid1fs.assemble import Plan, assemble, close_all, read_members
 from raid1fs.errors import BadMemberError, Raid1fsError, UsageError
 from raid1fs.events import EventSink
 from raid1fs.fuse_disk import DiskOperations
-from raid1fs.superblock import ACTIVE
 from raid1fs.volume import Volume
 
 log = logging.getLogger("raid1fs.mount")
@@ -76,20 +75,12 @@ class MountRequest:
         return "sync" in self.options
 
 
-def mounted_fstype(path: str) -> str | None:
-    """The type of the file system mounted exactly at `path`, if any."""
-    for mp, fstype, _ in control.mounts():
-        if mp == path:
-            return fstype
-    return None
-
-
 def clear_dead_mount(mp: str) -> None:
     """Detach a raid1fs mount whose process died (kill -9, crash).
 
     Only a mount of type fuse.raid1fs that answers ENOTCONN is touched.
     """
-    if mounted_fstype(mp) != "fuse.raid1fs":
+    if control.mounted_fstype(mp) != "fuse.raid1fs":
         return
     try:
         os.statvfs(mp)  # always reaches the mount process (stat may be cached)
@@ -128,7 +119,7 @@ def check_mountpoint(req: MountRequest) -> str:
     if not os.path.isdir(mp):
         raise BadMemberError(f"{req.mountpoint}: mount point is not a directory (the mount "
                              "point comes last, after the members)")
-    if os.path.ismount(mp) or mounted_fstype(real):
+    if os.path.ismount(mp) or control.mounted_fstype(real):
         raise BadMemberError(f"{req.mountpoint}: something is already mounted there")
     return real  # where the kernel mounts it: what status shows, what umount needs
 
@@ -160,8 +151,8 @@ def prepare(req: MountRequest) -> tuple[str, Plan]:
         close_all(found)
         raise
     named = {os.path.abspath(p) for p in req.members}  # those not there: said above
-    for slot, hint in plan.missing:
-        if hint not in named and plan.authority.roster[slot].state == ACTIVE:
+    for slot, hint in plan.needed:
+        if hint not in named:
             print(f"raid1fs: {hint or f'slot {slot}'}: not given; mounting without it "
                   "(--degraded)", file=sys.stderr)
     return mp, plan

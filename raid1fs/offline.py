@@ -17,7 +17,6 @@ from raid1fs import progress
 from raid1fs.assemble import Plan, assemble, close_all, read_members
 from raid1fs.errors import BadMemberError
 from raid1fs.events import EventSink
-from raid1fs.superblock import ACTIVE
 from raid1fs.volume import Volume
 
 
@@ -32,8 +31,7 @@ def run(paths: list[str], max_rate: int | None) -> int:
         # Like mount: a member left out would be marked stale for good (its
         # place taken by nobody); an operator who forgot it must not pay for
         # that. A member gone for good: mount --degraded, then remove it.
-        needed = [hint or f"slot {slot}" for slot, hint in plan.missing
-                  if plan.authority.roster[slot].state == ACTIVE]
+        needed = [hint or f"slot {slot}" for slot, hint in plan.needed]
         if needed:
             raise BadMemberError(
                 f"member missing: {', '.join(needed)} (give every member of the volume; "

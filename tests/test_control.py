@@ -21,6 +21,7 @@ from conftest import (
     _unmount_raid1fs,
     member_state,
     one_line,
+    process_gone,
     raid1fs,
     run,
     sha256,
@@ -527,8 +528,7 @@ def test_commands_after_the_mount_process_was_killed(env):
     (a, b), mnt = env.volume(size="16M")
     pid = status_json(mnt)["daemon"]["pid"]
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
-             open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] == "Z", what="mount gone")
+    wait_for(lambda: process_gone(pid), what="mount gone")
     for cmd in (("status", mnt), ("fail", mnt, a)):
         r = raid1fs(*cmd, check=False)
         line = one_line(r.stderr)
@@ -574,8 +574,7 @@ def test_resync_after_a_crash_is_not_reported_degraded(env):
         f.write(os.urandom(MiB))
     pid = status_json(mnt)["daemon"]["pid"]
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
-             open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] == "Z", what="mount gone")
+    wait_for(lambda: process_gone(pid), what="mount gone")
     raid1fs("umount", mnt)
     raid1fs("mount", "--on-event", "./ev.sh", a, b, mnt, cwd=env.tmp)
     raid1fs("rebuild", "--wait", mnt)
