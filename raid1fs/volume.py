@@ -167,7 +167,7 @@ class Volume:
         self._overruled = [f.sb.member_uuid for f in plan.overruled]
         self._meta_lock = trio.Lock()
         self._fail_gen = self._durable_fail_gen = 0  # failures marked / committed
-        self._admin_lock = trio.Lock()  # add, replace, spare takeover: one at a time
+        self._admin_lock = trio.Lock()  # add, replace, remove, spare takeover: one at a time
         self._ranges = RangeLock()
         self.regions = RegionLog(self.sb)
         self.throttle = Throttle(max_rebuild_rate)
@@ -839,6 +839,12 @@ class Volume:
         except MemberIOError as e:
             await self._commit(self._failer({x: e}))
             return
+        # Under the admin lock: an `add` of the replaced member's path waits
+        # until it has been told and let go of (see remove).
+        async with self._admin_lock:
+            await self._finish_under_lock(x, p)
+
+    async def _finish_under_lock(self, x: Member, p: Progress) -> None:
         old = None
         if p.replaces:
             old = next((y for y in self.members if y.uuid == p.replaces and y is not x), None)
@@ -943,6 +949,13 @@ class Volume:
         """
         if self.readonly:
             raise Raid1fsError(f"{path}: the volume is mounted read-only")
+        # Under the admin lock: the member is told it left and let go of
+        # before an `add` of its path looks for it (else the add would find
+        # it still locked by this mount).
+        async with self._admin_lock:
+            return await self._remove(path)
+
+    async def _remove(self, path: str) -> dict[str, Any]:
         before = self.sb.members_expected
 
         def outcome(p: str) -> dict[str, Any]:

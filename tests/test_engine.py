@@ -437,3 +437,48 @@ def test_a_new_rebuild_clears_the_last_ones_summary(tmp_path):
         trio.run(scenario)
     finally:
         close_all(found)
+
+
+def test_an_add_of_a_member_being_removed_waits_for_the_removal(tmp_path, monkeypatch):
+    """`remove` tells the leaving member so (its metadata write) and then
+    lets go of it; an `add` of the same path meanwhile waits for that and
+    then adds it back, instead of finding it still locked by this very mount
+    ("in use by another raid1fs process")."""
+    from raid1fs import volume as vmod
+    from raid1fs.assemble import close_all
+
+    vol, found = _engine_volume(tmp_path, 3)
+    a = vol.members[0]
+    real_write_superblock = vmod.write_superblock
+    telling = threading.Event()
+    go_on = threading.Event()
+
+    def slow_for_a(fd: int, sb, base: int = 0) -> None:
+        if fd == a.fd and not go_on.is_set():
+            telling.set()
+            go_on.wait(10)
+        real_write_superblock(fd, sb, base)
+
+    async def scenario() -> None:
+        await vol.start()
+        await vol.fail(a.path)
+        monkeypatch.setattr(vmod, "write_superblock", slow_for_a)
+        added: list[dict] = []
+        async with trio.open_nursery() as n:
+            n.start_soon(vol.remove, a.path)
+            await trio.to_thread.run_sync(telling.wait, 10)
+
+            async def add() -> None:
+                added.append(await vol.add(a.path))
+            n.start_soon(add)
+            await trio.sleep(0.2)
+            assert not added  # still waiting for the removal
+            go_on.set()
+        assert added[0]["state"] == "rebuilding"
+        assert a.path in [x.path for x in vol.members]
+        await vol.shutdown()
+
+    try:
+        trio.run(scenario)
+    finally:
+        close_all(found)
