@@ -267,7 +267,11 @@ class Volume:
             return r
 
         with trio.move_on_after(self.io_timeout):
-            return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+            # A limiter of its own: threads still hung on given-up calls
+            # must not use up a shared one, or every later call (a healthy
+            # path's too) would wait for a token and be given up as well.
+            return await trio.to_thread.run_sync(run, abandon_on_cancel=True,
+                                                 limiter=trio.CapacityLimiter(1))
         with lock:
             box["abandoned"] = True
             late = box.pop("result", None)  # returned just as it was given up

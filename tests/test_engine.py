@@ -482,3 +482,27 @@ def test_an_add_of_a_member_being_removed_waits_for_the_removal(tmp_path, monkey
         trio.run(scenario)
     finally:
         close_all(found)
+
+
+def test_calls_given_up_on_a_hung_path_do_not_starve_later_ones(tmp_path):
+    """Lookups of a hung path are given up after the I/O timeout but their
+    threads stay stuck; however many there are, a later call on a healthy
+    path still runs (no shared pool of threads runs dry)."""
+    from raid1fs.assemble import close_all
+    from raid1fs.volume import GivenUp
+
+    vol, found = _engine_volume(tmp_path)
+    vol.io_timeout = 0.05
+    hang = threading.Event()
+
+    async def scenario() -> None:
+        for _ in range(45):  # more than trio's default thread limit (40)
+            with pytest.raises(GivenUp):
+                await vol._bounded("/hung", hang.wait)
+        assert await vol._bounded("/fine", lambda: 7) == 7
+
+    try:
+        trio.run(scenario)
+    finally:
+        hang.set()
+        close_all(found)
