@@ -191,7 +191,27 @@ def cmd_umount(a: argparse.Namespace) -> int:
                                "did not finish marking members clean")
         time.sleep(0.05)
     _note_exit_report(report)
+    _note_stuck_threads(pid)
     return 0
+
+
+def _note_stuck_threads(pid: int, grace: float = 1.0) -> None:
+    """The mount process has ended, but a thread of it may still be stuck
+    in I/O to a hung member (the kernel ends it only when that I/O returns):
+    say so, since the process stays listed until then."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                threads = next((int(line.split()[1]) for line in f
+                                if line.startswith("Threads:")), 0)
+        except (OSError, ValueError):
+            return
+        if threads <= 1:
+            return
+        time.sleep(0.05)
+    print(f"{PROG}: note: mount process {pid} still has I/O stuck on a hung member; it goes "
+          "once that I/O returns (the other members were let go)", file=sys.stderr)
 
 
 def _exit_report(mp: str) -> str | None:

@@ -71,8 +71,11 @@ def mounts() -> list[tuple[str, str, str]]:
     return out
 
 
-def mount_key(mountpoint: str) -> str:
-    real = os.path.realpath(mountpoint)
+def mount_key(mountpoint: str, resolved: bool = False) -> str:
+    """The name of a mount point's socket and log. `resolved`: the path is
+    already the real one (as in the mount table): it is not resolved again,
+    which would ask the mount itself (and hang if it does not answer)."""
+    real = mountpoint if resolved else os.path.realpath(mountpoint)
     return hashlib.sha256(real.encode()).hexdigest()[:16]
 
 

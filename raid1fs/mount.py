@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -212,48 +213,63 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
     handlers: dict[str, control.Handler] = {
         "status": h_status, "fail": h_fail, "remove": h_remove, "add": h_add,
         "replace": h_replace, "rebuild": h_rebuild}
+    # Paths derived from the mount point are worked out now, while it is a
+    # plain directory: once mounted, resolving it means a request to this
+    # very process, which never comes back once the loop stops serving (a
+    # signal before the kernel's first request was answered, or at the end).
+    sock_path = control.socket_path(mountpoint)
     try:  # the report of an earlier mount here that nobody read
-        os.unlink(control.exit_report_path(control.socket_path(mountpoint)))
+        os.unlink(control.exit_report_path(sock_path))
     except OSError:
         pass
-    server = control.ControlServer(control.socket_path(mountpoint), handlers,
+    server = control.ControlServer(sock_path, handlers,
                                    owner_uid=os.getuid(), mountpoint=mountpoint)
-    async with trio.open_nursery() as nursery:
-        events.start(nursery)
-        # The FUSE mount first: a mount option it refuses must leave the
-        # members as they were (start() writes their metadata).
-        try:
-            pyfuse3.init(ops, mountpoint, fuse_options(req, plan.authority.name))
-        except RuntimeError as e:
-            raise Raid1fsError(f"{mountpoint}: FUSE mount failed ({e}); check the -o "
-                               "options") from None
-        try:
-            await volume.start(nursery)
-        except BaseException:
-            pyfuse3.close(unmount=True)
-            raise
-        try:
-            await nursery.start(server.serve)
-            nursery.start_soon(_announce_ready, mountpoint, ready)
-            nursery.start_soon(_on_signals)
-            log.info("mounted volume %s (%s) at %s: %s", plan.authority.volume_uuid,
-                     plan.authority.name, mountpoint, volume.state)
-            await pyfuse3.main(max_tasks=64)
-        finally:
-            with trio.CancelScope(shield=True):
-                log.info("unmounted: flushing and marking members clean")
-                in_use = set(volume.writable())
-                try:
-                    await volume.shutdown()
-                except Raid1fsError as e:
-                    log.error("shutdown: %s", e)
-                _report_exit(control.socket_path(mountpoint),
-                             [{"path": x.path, "reason": x.fail_reason}
-                              for x in volume.members if x in in_use and x.state == "failed"])
+    # Signals are caught from here on, before the FUSE mount exists: one
+    # that comes while the volume starts (metadata writes, up to the I/O
+    # timeout on a slow member) is acted on once it has started, with a
+    # clean unmount, instead of killing the process and leaving a dead mount.
+    stopped: list[str] = []
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+            events.start(nursery)
+            # The FUSE mount first: a mount option it refuses must leave the
+            # members as they were (start() writes their metadata).
+            try:
+                pyfuse3.init(ops, mountpoint, fuse_options(req, plan.authority.name))
+            except RuntimeError as e:
+                raise Raid1fsError(f"{mountpoint}: FUSE mount failed ({e}); check the -o "
+                                   "options") from None
+            try:
+                await volume.start(nursery)
+            except BaseException:
                 pyfuse3.close(unmount=True)
-                log.info("members clean; exiting")
-                await events.drain(grace=EVENT_GRACE)
-            nursery.cancel_scope.cancel()
+                raise
+            try:
+                await nursery.start(server.serve)
+                nursery.start_soon(_announce_ready, mountpoint, ready, stopped)
+                nursery.start_soon(_on_signals, signals, stopped)
+                log.info("mounted volume %s (%s) at %s: %s", plan.authority.volume_uuid,
+                         plan.authority.name, mountpoint, volume.state)
+                await pyfuse3.main(max_tasks=64)
+            finally:
+                with trio.CancelScope(shield=True):
+                    log.info("unmounted: flushing and marking members clean")
+                    in_use = set(volume.writable())
+                    try:
+                        await volume.shutdown()
+                    except Raid1fsError as e:
+                        log.error("shutdown: %s", e)
+                    _report_exit(sock_path,
+                                 [{"path": x.path, "reason": x.fail_reason}
+                                  for x in volume.members if x in in_use and x.state == "failed"])
+                    pyfuse3.close(unmount=True)
+                    volume.let_go()
+                    log.info("members clean; exiting")
+                    if stopped:  # still starting: the waiting `raid1fs mount` says why it failed
+                        ready.send(f"error: {mountpoint}: stopped by {stopped[0]} before the mount "
+                                   "was usable; unmounted again")
+                    await events.drain(grace=EVENT_GRACE)
+                nursery.cancel_scope.cancel()
 
 
 def _report_exit(sock_path: str, failed: list[dict[str, str]]) -> None:
@@ -287,19 +303,29 @@ class ReadyPipe:
             os.close(fd)
 
 
-async def _announce_ready(mountpoint: str, ready: ReadyPipe) -> None:
+async def _announce_ready(mountpoint: str, ready: ReadyPipe, stopped: list[str]) -> None:
     # The stat goes through the kernel to our own loop: once it answers,
-    # the mount is usable.
-    await trio.to_thread.run_sync(set_readahead, mountpoint)
-    ready.send("ok")
-
-
-async def _on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-        async for sig in sigs:
-            log.warning("signal %d: unmounting", sig)
-            pyfuse3.terminate()
+    # the mount is usable (unless a signal is taking it down again: then
+    # the stat may fail as the connection is closed).
+    try:
+        await trio.to_thread.run_sync(set_readahead, mountpoint)
+    except OSError:
+        if stopped:
             return
+        raise
+    if not stopped:
+        ready.send("ok")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+async def _on_signals(signals: AsyncIterator[int], stopped: list[str]) -> None:
+    async for sig in signals:
+        log.warning("signal %d: unmounting", sig)
+        stopped.append(signal.Signals(sig).name)
+        pyfuse3.terminate()
+        return
 
 
 def setup_logging(path: str | None) -> None:
@@ -322,7 +348,7 @@ def prune_run_dir(directory: str, now: float | None = None) -> None:
     untouched for LOG_KEEP_DAYS (one log per mount point ever used would
     otherwise pile up until reboot). Best effort."""
     now = time.time() if now is None else now
-    live = {control.mount_key(mp) for mp, fstype, _ in control.mounts()
+    live = {control.mount_key(mp, resolved=True) for mp, fstype, _ in control.mounts()
             if fstype == "fuse.raid1fs"}
     try:
         names = os.listdir(directory)
@@ -348,6 +374,7 @@ def run(req: MountRequest) -> int:
         return _daemon_main(req, mountpoint, plan, None)
     os.makedirs(control.run_dir(), mode=0o755, exist_ok=True)
     prune_run_dir(control.run_dir())
+    logfile = log_path(mountpoint)  # resolved now, not once it is mounted
     r, w = os.pipe()
     pid = os.fork()
     if pid:
@@ -362,7 +389,7 @@ def run(req: MountRequest) -> int:
             return 0
         raise Raid1fsError(text.removeprefix("error: ") or
                            f"{req.mountpoint}: the mount process died before the mount was usable "
-                           f"(see {log_path(mountpoint)})")
+                           f"(see {logfile})")
     # First child: new session, then fork again so the daemon is no session leader.
     os.close(r)
     os.setsid()
@@ -372,7 +399,7 @@ def run(req: MountRequest) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    setup_logging(log_path(mountpoint))
+    setup_logging(logfile)
     _daemon_main(req, mountpoint, plan, w)
     os._exit(0)
 
@@ -396,6 +423,7 @@ async def _serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPip
 def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int | None) -> int:
     status = 0
     ready = ReadyPipe(ready_fd)
+    logfile = log_path(mountpoint)  # resolved now, not once it is mounted
     try:
         trio.run(_serve, req, mountpoint, plan, ready)
     except Raid1fsError as e:
@@ -410,7 +438,7 @@ def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int |
         while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
             leaf = leaf.exceptions[0]
         ready.send(f"error: {req.mountpoint}: mount process failed: "
-                   f"{type(leaf).__name__}: {leaf} (see {log_path(mountpoint)})")
+                   f"{type(leaf).__name__}: {leaf} (see {logfile})")
         status = 1
     logging.shutdown()
     sys.stdout.flush()

@@ -546,6 +546,16 @@ class Volume:
         await self._commit(self._checkpoint_all, clean=True)
         self.mounted = False
 
+    def let_go(self) -> None:
+        """At exit, after shutdown: let go of every member file now. A
+        thread stuck in I/O to a hung member keeps this process alive after
+        its main thread is gone, and with it every file it has open; the
+        in-sync members must not stay locked (in use, for status and the
+        next mount) until the hung one answers. The stuck call keeps only its
+        own member's file."""
+        for x in self.members + self._held:
+            _park_fd(x.fd)
+
     def _checkpoint_all(self, sb: Superblock) -> None:
         for x in self.members:
             if x.state == m.REBUILDING and x.rebuild is not None:
