@@ -11,8 +11,9 @@ Rules (docs/write-ordering.md, rules 9-12):
 - while some member is away (a roster slot failed or missing),
   every region written is recorded in the missed-writes bitmap, durably,
   before the write is issued; a member that fails also has every region with
-  a write in flight (the intent bits) recorded; the bitmap is emptied only
-  when every member is in sync again;
+  a write in flight, or written since the last sync of every member (not yet
+  known durable), recorded; the bitmap is emptied only when every member is
+  in sync again;
 - the missed-writes bitmap is written before the intent bitmap, so a cleared
   intent bit never reaches the disk before the missed bit that replaces it.
 
@@ -45,6 +46,10 @@ class RegionLog:
         self.group = max(1, INTENT_GROUP // self.region)  # regions per group
         self.intent = Bitmap(self.nregions, self.nbytes)
         self.missed = Bitmap(self.nregions, self.nbytes)
+        # Regions written since the last sync of every member, and those of
+        # the syncs under way (see sync_begin): not yet known durable.
+        self.unsynced = Bitmap(self.nregions, self.nbytes)
+        self.syncing: list[Bitmap] = []
         self.inflight: dict[int, int] = {}  # group -> writes in flight
         self.inflight_regions: dict[int, int] = {}  # region -> writes in flight
         self.started: dict[int, int] = {}  # group -> writes started (ever)
@@ -80,6 +85,7 @@ class RegionLog:
         regions = range(r0, r1)
         for r in regions:
             self.inflight_regions[r] = self.inflight_regions.get(r, 0) + 1
+        self.unsynced.set_range(r0, r1)
         groups = range(r0 // self.group, (r1 - 1) // self.group + 1)
         for g in groups:
             self.inflight[g] = self.inflight.get(g, 0) + 1
@@ -138,12 +144,38 @@ class RegionLog:
         self._touch(MISSED, 0, self.nregions)
         self.gen += 1
 
-    def record_in_flight(self) -> None:
-        """A member leaves: the writes in flight may have missed it. (Later
-        writes are recorded as they begin; earlier ones reached it.)"""
+    def record_leaving(self) -> None:
+        """A member leaves: every region it may lack goes to the missed-writes
+        bitmap. That is each write in flight (it may have missed it), and
+        each region written since the last sync of every member (`unsynced`,
+        and those of syncs under way): that data reached the member but is
+        not known durable on it, and may never be (a failed fsync can mean
+        lost writeback). Later writes are recorded as they begin."""
         for r in self.inflight_regions:
             if not self.missed.test(r):
                 self._set(MISSED, self.missed, r, r + 1)
+        for bits in (self.unsynced, *self.syncing):
+            for lo, hi in list(bits.runs()):
+                self._set(MISSED, self.missed, lo, hi)
+
+    def sync_begin(self) -> Bitmap:
+        """A sync of every member starts: what it will cover is what was
+        written until now, except writes still in flight (they may land
+        after it). Returns the token for sync_end."""
+        covered = self.unsynced
+        self.syncing.append(covered)
+        self.unsynced = Bitmap(self.nregions, self.nbytes)
+        for r in self.inflight_regions:
+            self.unsynced.set_range(r, r + 1)
+        return covered
+
+    def sync_end(self, covered: Bitmap, ok: bool) -> None:
+        """That sync ended: if it succeeded on every member still there, its
+        regions are durable on them (one that failed it got them as missed);
+        if not, they stay not known durable."""
+        self.syncing = [b for b in self.syncing if b is not covered]
+        if not ok:
+            self.unsynced |= covered
 
     # ----- lazy clearing ----------------------------------------------------
 

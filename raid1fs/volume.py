@@ -380,8 +380,9 @@ class Volume:
                 entry.replaces = ""  # a replace ends when its NEW member fails
         if x.rebuild is not None:
             x.rebuild.replaces = ""
-        # Whatever was in flight may have missed it (rules 10 and 11).
-        self.regions.record_in_flight()
+        # Whatever was in flight or is not yet known durable on it may be
+        # missing on it (rule 11).
+        self.regions.record_leaving()
         log.error("member %s failed: %s", x.path, reason)
         self.events.emit("member-failed", x.path, reason)
         if was == CLEAN and self.state != CLEAN:
@@ -623,8 +624,14 @@ class Volume:
         if not targets:
             raise VolumeIOError("no member is online")
         sync = os.fdatasync if datasync else os.fsync
-        _, errors = await fanout(targets, "fsync", lambda x: (sync, (x.fd,)))
-        await self._settle(targets, errors, "fsync")
+        covered = self.regions.sync_begin()
+        ok = False
+        try:
+            _, errors = await fanout(targets, "fsync", lambda x: (sync, (x.fd,)))
+            await self._settle(targets, errors, "fsync")  # a member failed it: rule 11
+            ok = True
+        finally:
+            self.regions.sync_end(covered, ok)
 
     async def read(self, offset: int, length: int) -> bytes:
         bad: list[Member] = []

@@ -233,6 +233,42 @@ def test_failed_member_is_stale_at_next_mount(env):
     assert data_region_hash(a) == data_region_hash(b)
 
 
+def test_a_member_failed_by_an_fsync_error_is_resynced_over_its_unsynced_writes(env):
+    """Writes that reached a member's page cache but whose fsync then failed
+    may never reach its disk (a writeback error): when the member fails on
+    that fsync, every region written since its data was last known durable
+    goes to the missed-writes bitmap, and the resync copies it. Shown by
+    undoing those writes on the member's own file (what a lost writeback
+    leaves) before it is resynced."""
+    src, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="128M")
+    mnt = env.mount(a, b)
+    with open(mnt / "disk", "r+b") as f:
+        for at in (5 * MiB, 20 * MiB):
+            f.seek(at)
+            f.write(os.urandom(MiB))
+        f.flush()
+        faultfs("set", ffs, "eio-write")
+        os.fsync(f.fileno())  # fails on a: a is failed, the caller sees success
+    st = status_json(mnt)
+    assert member_state(st, a) == "failed"
+    assert st["volume"]["regions"]["missed_bytes"] == 2 * MiB, st["volume"]["regions"]
+    faultfs("set", ffs, "ok")
+    raid1fs("umount", mnt)
+    off = member_entry(status_json(a, b), a)["data_offset"]
+    with open(src / "a.img", "r+b") as f:  # the lost writeback
+        for at in (5 * MiB, 20 * MiB):
+            f.seek(off + at)
+            f.write(bytes(MiB))
+    raid1fs("mount", a, b, mnt)
+    raid1fs("rebuild", "--wait", mnt)
+    st = status_json(mnt)
+    assert member_state(st, a) == "online", st
+    assert member_entry(st, a)["last_rebuild"]["copied_bytes"] == 2 * MiB
+    raid1fs("umount", mnt)
+    assert data_region_hash(a) == data_region_hash(b)
+
+
 def test_reads_prefer_the_faster_member(env):
     """A member that turns slow (every I/O delayed 20 ms) loses the reads to
     the fast one: guarantee 2's latency rule, seen in the reads counters."""
