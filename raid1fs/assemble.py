@@ -77,9 +77,18 @@ class Plan:
 
 
 def identity(path: str) -> tuple[object, ...]:
-    """What makes two paths the same member: the inode, or the device."""
+    """What makes two paths the same member: the inode, or the device (for
+    a loop device, the inode of the file it serves)."""
     st = os.stat(path)
     if stat.S_ISBLK(st.st_mode):
+        if os.major(st.st_rdev) == m.LOOP_MAJOR:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                backing = m.loop_backing_file(fd)
+            finally:
+                os.close(fd)
+            if backing is not None:
+                return identity(backing)
         return ("dev", st.st_rdev)
     return ("ino", st.st_dev, st.st_ino)
 
@@ -112,10 +121,10 @@ def read_members(paths: list[str], writable: bool = True, lock: bool = True) -> 
             try:
                 sb, problems = read_superblock(fd, p)
             except OSError as e:
-                os.close(fd)
+                m.close_member(fd)
                 raise BadMemberError(f"{p}: cannot read: {e.strerror}") from None
             except MetadataError:
-                os.close(fd)
+                m.close_member(fd)
                 raise
             found.append(Found(p, fd, sb, problems))
         first = found[0]
@@ -141,7 +150,7 @@ def read_members(paths: list[str], writable: bool = True, lock: bool = True) -> 
 def close_all(found: list[Found]) -> None:
     for f in found:
         try:
-            os.close(f.fd)
+            m.close_member(f.fd)
         except OSError:
             pass
 

@@ -105,7 +105,7 @@ def _inspect(path: str, force: bool) -> Target:
             raise BadMemberError(f"{path}: holds data (use --force to overwrite)")
         return t
     finally:
-        os.close(fd)
+        m.close_member(fd)
 
 
 def _volume_size(targets: list[Target], size: int | None) -> int:
@@ -174,7 +174,7 @@ def create_disk(paths: list[str], name: str, size: int | None, checksums: bool,
         raise BadMemberError(f"{targets[slot].path}: write failed: {e.strerror}") from None
     finally:
         for fd in fds:
-            os.close(fd)
+            m.close_member(fd)
     assert first is not None
     return first
 
@@ -203,7 +203,7 @@ def _open_all(targets: list[Target], member_bytes: int) -> list[int]:
                                      f"{e.strerror}") from None
     except BaseException:
         for fd in fds:
-            os.close(fd)
+            m.close_member(fd)
         for p in made:
             os.unlink(p)
         raise
@@ -296,7 +296,7 @@ def open_new_member(path: str, member_bytes: int, volume_uuid: str) -> NewMember
             raise BadMemberError(f"{path}: holds data (wipe it first; add never overwrites data)")
         return NewMember(path, fd, False, old)
     except BaseException:
-        os.close(fd)
+        m.close_member(fd)
         raise
 
 

@@ -15,6 +15,7 @@ import fcntl
 import math
 import os
 import stat
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,12 +40,95 @@ LATENCY_ALPHA = 0.2  # weight of the newest sample in the latency average
 LATENCY_HALF_LIFE = 10.0  # seconds: how fast an unused member's latency is forgotten
 
 
+LOOP_MAJOR = 7
+LOOP_GET_STATUS64 = 0x4C05
+_LOOP_INFO64 = 232  # sizeof(struct loop_info64)
+
+# A member that is a loop device also holds a lock on the file behind it
+# (member fd -> that file's fd): close member fds with close_member.
+_backing_locks: dict[int, int] = {}
+
+
+def loop_backing_file(fd: int) -> str | None:
+    """The file a loop device serves, when fd is one and the file still has
+    that name; else None."""
+    st = os.fstat(fd)
+    if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != LOOP_MAJOR:
+        return None
+    sysfs = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/loop/backing_file"
+    try:
+        with open(sysfs) as f:
+            path = f.read().rstrip("\n")
+        info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64))
+        bst = os.stat(path)
+    except OSError:
+        return None  # not attached, or the file was deleted or renamed
+    dev, ino = struct.unpack_from("=QQ", info)  # the kernel's encoding of st_dev
+    major, minor = (dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
+    if (bst.st_ino, os.major(bst.st_dev), os.minor(bst.st_dev)) != (ino, major, minor):
+        return None
+    return path
+
+
+def _lock_backing_file(path: str, fd: int) -> None:
+    """A loop device over a file is that file under another name: lock the
+    file too, so a mount of the file itself (or of another loop device
+    over it) is refused while this one uses it, and the other way round."""
+    backing = loop_backing_file(fd)
+    if backing is None:
+        return
+    try:
+        bfd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(bfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(bfd)
+        raise BadMemberError(f"{path}: in use by another raid1fs process (as {backing}, the "
+                             "file this loop device serves)") from None
+    _backing_locks[fd] = bfd
+
+
+def backing_file_locked(fd: int) -> bool:
+    """For `status`: is the file behind this loop device in use by a mount?"""
+    backing = loop_backing_file(fd)
+    if backing is None:
+        return False
+    try:
+        bfd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(bfd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(bfd)
+
+
+def let_go_of_backing_file(fd: int) -> None:
+    """Drop the lock on the file behind a loop device member (its fd is
+    being closed or parked)."""
+    bfd = _backing_locks.pop(fd, None)
+    if bfd is not None:
+        os.close(bfd)
+
+
+def close_member(fd: int) -> None:
+    """Close a member fd from open_member, and what it holds besides."""
+    let_go_of_backing_file(fd)
+    os.close(fd)
+
+
 def open_member(path: str, writable: bool = True, lock: bool = True) -> int:
     """Open an existing image file or block device as a member.
 
     Block devices are opened O_EXCL so one that is mounted or in use elsewhere
-    is refused; every member is flock()ed so two mounts cannot share it.
-    With lock=False (to read metadata for `status`) neither is done.
+    is refused; every member is flock()ed so two mounts cannot share it, and
+    a loop device also locks the file it serves. With lock=False (to read
+    metadata for `status`) none of this is done. Close it with close_member.
     """
     try:
         st = os.stat(path)
@@ -72,6 +156,12 @@ def open_member(path: str, writable: bool = True, lock: bool = True) -> int:
     except OSError:
         os.close(fd)
         raise BadMemberError(f"{path}: in use by another raid1fs process") from None
+    if lock:
+        try:
+            _lock_backing_file(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
     return fd
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 from typing import Any
 
+from raid1fs import member as m
 from raid1fs.assemble import Found, assemble, close_all, read_members
 from raid1fs.bitmap import Bitmap
 from raid1fs.errors import Raid1fsError
@@ -27,6 +28,8 @@ def offline_status(paths: list[str]) -> dict[str, Any]:
         for f in found:
             try:
                 fcntl.flock(f.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                if m.backing_file_locked(f.fd):
+                    raise BlockingIOError
             except OSError:
                 in_use.append(f.path)
         plan = assemble(found, degraded=True, strict=False)

@@ -62,7 +62,7 @@ class GivenUp(Raid1fsError):
 
 def _drop_new(nm: create.NewMember) -> None:
     """Undo an open_new_member that returned after it was given up."""
-    os.close(nm.fd)
+    m.close_member(nm.fd)
     if nm.created:  # a sparse image made for it: nothing else uses it
         try:
             os.unlink(nm.path)
@@ -74,6 +74,7 @@ def _park_fd(fd: int) -> None:
     """Point fd at /dev/null, read-only: the file it named is let go, and a
     late call through the number fails instead of reaching whatever file
     would get the number next. The number stays taken."""
+    m.let_go_of_backing_file(fd)
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.dup2(null, fd, inheritable=False)
@@ -1119,7 +1120,7 @@ class Volume:
                 raise
             except BaseException:
                 if not any(y.fd == nm.fd for y in self.members):
-                    os.close(nm.fd)
+                    m.close_member(nm.fd)
                 raise
 
     def _member_at(self, path: str, among: list[Member]) -> Member | None:

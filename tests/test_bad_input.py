@@ -344,6 +344,45 @@ def test_mount_refuses_members_in_use(env):
     assert status_json(mnt)["volume"]["state"] == "clean"
 
 
+
+@pytest.mark.parametrize("first", ["loop", "file"])
+def test_a_member_in_use_under_another_name_is_refused(env, first):
+    """A loop device over a member's image file is that member: while a
+    mount uses the member under one name (the file, or the loop device), a
+    second mount under the other name is refused naming it (it would be a
+    second, diverging copy of the volume), and so is create --force."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    la, lb = env.losetup(a), env.losetup(b)
+    names = {"loop": (la, lb), "file": (a, b)}
+    second = "file" if first == "loop" else "loop"
+    mnt = env.mount(*names[first])
+    mnt2 = env.mkdir("mnt2")
+    line = assert_refused(mount(*names[second], mnt2), names[second][0])
+    assert "in use by another raid1fs process" in line, line
+    assert not os.path.ismount(mnt2)
+    r = raid1fs("create", "--kind", "disk", "--force", names[second][0], env.path("n.img"),
+                check=False)
+    assert_refused(r, names[second][0])
+    assert not env.path("n.img").exists()
+    assert status_json(mnt)["volume"]["state"] == "clean"
+    # Under either name, status finds the members in use and asks the mount.
+    for names_given in ((la, lb), (a, b)):
+        v = status_json(*names_given)["volume"]
+        assert v.get("mountpoint") == str(mnt), v
+
+
+def test_mount_refuses_a_member_named_as_its_file_and_a_loop_device(env):
+    """A member named twice, once as its image file and once as a loop device
+    over that file, is refused as named twice; nothing changes."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    la = env.losetup(a)
+    mnt = env.mkdir("mnt")
+    before = snapshot(a, b)
+    line = assert_refused(mount(a, la, mnt), la)
+    assert "named twice" in line, line
+    assert_unchanged(before)
+    assert not os.path.ismount(mnt)
+
 # ----- members that hold data -------------------------------------------------------
 
 def test_member_holding_data_needs_force(env):
