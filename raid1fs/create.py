@@ -14,6 +14,7 @@ import fcntl
 import os
 import stat
 import struct
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ from raid1fs.superblock import (
 )
 
 BLKZEROOUT = 0x127F
-DATA_SCAN_LIMIT = 64 << 20  # how much of an existing member is scanned for data
+DATA_SCAN_LIMIT = 64 << 20  # how much of each end of a block device is read for data
 MIN_SIZE = 1 << 20
 
 
@@ -48,33 +49,79 @@ class Target:
     size: int = 0
 
 
-def holds_data(fd: int, is_block: bool) -> bool:
-    """True if the first DATA_SCAN_LIMIT bytes of data hold a non-zero byte.
+def holds_data(fd: int, is_block: bool, path: str = "") -> bool:
+    """Does the member hold anything but zeros (create and add would
+    overwrite it)?
 
-    Regular files are read only where they have data extents (SEEK_DATA), so a
-    sparse file costs nothing to check.
+    An image file is read wherever it has data (SEEK_DATA: holes and
+    preallocated space cost nothing), to its end; a loop device, in the
+    file it serves. Any other block device cannot be read whole in
+    reasonable time: its first and last DATA_SCAN_LIMIT bytes are read, and
+    `blkid` looks for the signature of a file system, partition table or
+    volume manager anywhere on it.
     """
     end = m.device_size(fd)
-    pos, scanned = 0, 0
-    while pos < end and scanned < DATA_SCAN_LIMIT:
-        if not is_block:
-            try:
-                pos = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                return False  # no more data
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+    if not is_block:
+        return _extents_hold_data(fd, 0, end)
+    loop = m.loop_backing(fd)
+    if loop is not None:
+        backing, start = loop
+        try:
+            bfd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
         else:
-            hole = end
-        while pos < hole and scanned < DATA_SCAN_LIMIT:
-            chunk = os.pread(fd, min(1 << 20, hole - pos), pos)
-            if not chunk:
-                return False
-            if chunk.count(0) != len(chunk):
-                return True
-            pos += len(chunk)
-            scanned += len(chunk)
+            try:
+                return _extents_hold_data(bfd, start, start + end)
+            finally:
+                os.close(bfd)
+    head = min(end, DATA_SCAN_LIMIT)
+    return (_range_holds_data(fd, 0, head)
+            or _range_holds_data(fd, max(head, end - DATA_SCAN_LIMIT), end)
+            or bool(path and _signature(path)))
+
+
+def _extents_hold_data(fd: int, lo: int, hi: int) -> bool:
+    """A non-zero byte in [lo, hi) of a regular file, read only where it has data."""
+    pos = lo
+    while pos < hi:
+        try:
+            pos = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            return False  # no data after pos
+        if pos >= hi:
+            return False
+        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), hi)
+        if _range_holds_data(fd, pos, hole):
+            return True
+        pos = hole
     return False
 
+
+def _range_holds_data(fd: int, lo: int, hi: int) -> bool:
+    pos = lo
+    while pos < hi:
+        chunk = os.pread(fd, min(8 << 20, hi - pos), pos)
+        if not chunk:
+            return False
+        if chunk.count(0) != len(chunk):
+            return True
+        pos += len(chunk)
+    return False
+
+
+def _signature(path: str) -> str:
+    """What `blkid -p` finds on a device (a file system, partition table,
+    RAID or volume manager signature), or ""."""
+    try:
+        r = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True,
+                           text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if r.returncode != 0:
+        return ""
+    found = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    return found.get("TYPE") or found.get("PTTYPE") or "a signature"
 
 def _inspect(path: str, force: bool) -> Target:
     try:
@@ -101,7 +148,7 @@ def _inspect(path: str, force: bool) -> Target:
                 what = "carries raid1fs metadata (damaged)"
             if not force:
                 raise BadMemberError(f"{path}: {what} (use --force to overwrite)")
-        elif holds_data(fd, t.is_block) and not force:
+        elif holds_data(fd, t.is_block, path) and not force:
             raise BadMemberError(f"{path}: holds data (use --force to overwrite)")
         return t
     finally:
@@ -153,9 +200,9 @@ def create_disk(paths: list[str], name: str, size: int | None, checksums: bool,
     try:
         for slot, (t, fd) in enumerate(zip(targets, fds, strict=True)):
             if t.exists:
-                # Metadata area and data region both: holds_data() looks at
-                # the first 64 MiB only, and every member must start with
-                # identical data whatever it held before.
+                # Metadata area and data region both: every member must
+                # start with identical data whatever it held before (zeros,
+                # or what --force overrode).
                 _zero(fd, t.is_block, 0, layout.data_offset + vsize)
             sb = Superblock(
                 volume_uuid=volume_uuid, name=name, kind="disk", member_uuid=uuids[slot],
@@ -292,7 +339,7 @@ def open_new_member(path: str, member_bytes: int, volume_uuid: str) -> NewMember
             if old.volume_uuid != volume_uuid:
                 raise BadMemberError(f"{path}: belongs to raid1fs volume "
                                      f"{old.name or old.volume_uuid} (wipe it first)")
-        elif holds_data(fd, stat.S_ISBLK(os.fstat(fd).st_mode)):
+        elif holds_data(fd, stat.S_ISBLK(os.fstat(fd).st_mode), path):
             raise BadMemberError(f"{path}: holds data (wipe it first; add never overwrites data)")
         return NewMember(path, fd, False, old)
     except BaseException:

@@ -52,6 +52,13 @@ _backing_locks: dict[int, int] = {}
 def loop_backing_file(fd: int) -> str | None:
     """The file a loop device serves, when fd is one and the file still has
     that name; else None."""
+    found = loop_backing(fd)
+    return found[0] if found is not None else None
+
+
+def loop_backing(fd: int) -> tuple[str, int] | None:
+    """(the file a loop device serves, where in it the device starts), when
+    fd is a loop device and the file still has that name; else None."""
     st = os.fstat(fd)
     if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != LOOP_MAJOR:
         return None
@@ -63,11 +70,13 @@ def loop_backing_file(fd: int) -> str | None:
         bst = os.stat(path)
     except OSError:
         return None  # not attached, or the file was deleted or renamed
-    dev, ino = struct.unpack_from("=QQ", info)  # the kernel's encoding of st_dev
+    # struct loop_info64: lo_device (the kernel's encoding of st_dev),
+    # lo_inode, lo_rdevice, lo_offset, ...
+    dev, ino, _, offset = struct.unpack_from("=QQQQ", info)
     major, minor = (dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
     if (bst.st_ino, os.major(bst.st_dev), os.minor(bst.st_dev)) != (ino, major, minor):
         return None
-    return path
+    return path, offset
 
 
 def _lock_backing_file(path: str, fd: int) -> None:

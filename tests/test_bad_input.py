@@ -411,6 +411,27 @@ def test_member_holding_data_needs_force(env):
     assert sha256(new, off, 16 * MiB) == sha256(x, off, 16 * MiB)
 
 
+
+@pytest.mark.parametrize("via", ["file", "loop"])
+def test_data_far_into_a_member_is_found(env, via):
+    """Data past the first 64 MiB, behind 100 MiB of written zeros, is still
+    found: create and add refuse the member (one line naming it, nothing
+    changed), whether it is the image file or a loop device over it."""
+    x = env.path("x.img")
+    with open(x, "wb") as f:
+        f.write(bytes(100 * MiB))  # allocated zeros: read, not skipped
+        f.write(os.urandom(MiB))
+        f.truncate(200 * MiB)
+    target = env.losetup(x) if via == "loop" else x
+    new = env.path("new.img")
+    before = snapshot(x, new)
+    assert_refused(create(new, target, size="64M"), target)
+    assert_unchanged(before)
+    (a, b), mnt = env.volume(size="64M")
+    line = assert_refused(raid1fs("add", mnt, target, check=False), target)
+    assert "holds data" in line, line
+    assert_unchanged(before)
+
 # ----- usage errors -----------------------------------------------------------------
 
 @pytest.mark.parametrize("args,name", [
