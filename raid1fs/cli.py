@@ -346,9 +346,8 @@ def _rebuild_online(a: argparse.Namespace) -> int:
     if a.max_rate is not None:
         print("rebuild rate limit: " + (f"{format_size(a.max_rate)}/s" if a.max_rate
                                         else "none"))
-    for r in started:
-        kind = "full rebuild" if r["kind"] == "full" else "resync"
-        print(f"{r['path']}: {kind} {r['action']}, {format_size(r['left_bytes'])} to copy")
+    progress.print_started(started)
+    started = [r for r in started if "note" not in r]
     st = control.request(mp, "status", timeout=30)
     idle = not progress.rebuilding(st) and not started
     # The members whose rebuilds this command waits for: no summary of a

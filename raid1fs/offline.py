@@ -57,7 +57,7 @@ async def _rebuild(plan: Plan, max_rate: int | None) -> int:
     async with trio.open_nursery() as nursery:
         try:
             await volume.start(nursery)
-            await volume.rebuild_all()
+            progress.print_started([r for r in await volume.rebuild_all() if "note" in r])
             if not progress.rebuilding(volume.status()):
                 print("nothing to rebuild: " + ("every member is in sync"
                       if volume.state == "clean" else f"the volume is {volume.state}"))

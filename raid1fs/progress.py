@@ -92,3 +92,13 @@ def outcome(st: dict[str, Any], waited: set[str] | None = None) -> tuple[int, li
     state = st["volume"]["state"]
     lines.append(f"volume {state}")
     return (0 if state == "clean" else 1), lines
+
+
+def print_started(started: list[dict[str, Any]]) -> None:
+    """What `rebuild` set off: one line per member (or why it did not)."""
+    for r in started:
+        if "note" in r:
+            print(f"{r['path']}: {r['note']}")
+            continue
+        kind = "full rebuild" if r["kind"] == "full" else "resync"
+        print(f"{r['path']}: {kind} {r['action']}, {format_size(r['left_bytes'])} to copy")

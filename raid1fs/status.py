@@ -144,6 +144,13 @@ def format_human(st: dict[str, Any]) -> str:
                      "with --prefer MEMBER to choose the one that wins")
     for path in v.get("removed", []):
         lines.append(f" removed: {path} is no longer a member (its data is an old copy)")
+    behind = [mem["path"] for mem in st["members"]
+              if mem["state"] in ("failed", "stale", "missing")]
+    online = sum(mem["state"] == "online" for mem in st["members"])
+    if behind and online >= v["members_expected"] and not v.get("split_brain"):
+        lines.append(f"  action: the mirror has its {v['members_expected']} members in sync; "
+                     f"`raid1fs remove` {', '.join(behind)} if it is gone for good, or "
+                     "`raid1fs add` it back (a wider mirror)")
     if v.get("resync_pending_bytes"):
         lines.append(f"  resync: {format_size(v['resync_pending_bytes'])} where writes were in "
                      "flight may differ between members; the next mount resyncs it")

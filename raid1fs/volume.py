@@ -224,6 +224,12 @@ class Volume:
             return REBUILDING
         if online < self.sb.members_expected:
             return DEGRADED
+        if self._recording():
+            # A member failed, missing or stale is still on the roster (a
+            # spare took its place, or it was not needed): not every member
+            # is in sync until it is removed or brought back (zpool, too,
+            # stays DEGRADED until the failed disk is detached).
+            return DEGRADED
         return CLEAN
 
     def find_member(self, path: str) -> Member:
@@ -1209,6 +1215,14 @@ class Volume:
                 replaced = any(y.rebuild is not None and y.rebuild.replaces == x.uuid
                                for y in self.members)
                 if x.state == m.STALE and entry is not None and not replaced:
+                    if self._filled() >= self.sb.members_expected:
+                        # Its place was taken (a spare): resyncing it would
+                        # make a third copy the volume does not count.
+                        n = self.sb.members_expected
+                        out.append({"path": x.path, "note": (
+                            f"not resynced: the volume already has its {n} members; remove "
+                            "it, or add it to make the mirror wider")})
+                        continue
                     pending, full = self._resync_set(x, entry)
                     await self._begin_rebuild(x, entry, pending, full)
                     out.append(dict(self._describe(x), action="started"))

@@ -34,7 +34,10 @@ def _spare_took_the_place_of_b(env):
     raid1fs("mount", a, b, mnt)
     raid1fs("add", "--spare", mnt, s)
     raid1fs("fail", mnt, b)
-    raid1fs("rebuild", "--wait", mnt)
+    r = raid1fs("rebuild", "--wait", mnt, check=False)
+    # s in sync; the volume stays degraded while failed b is on the roster
+    assert r.returncode == 1 and f"{b}: failed" in r.stdout, (r.stdout, r.stderr)
+    assert member_state(status_json(mnt), s) == "online"
     raid1fs("umount", mnt)
     return a, b, s, mnt
 
@@ -147,7 +150,8 @@ def test_failed_member_is_behind_unless_it_was_used_alone_since(env):
     raid1fs("mount", a, b, c, mnt)
     raid1fs("fail", mnt, c)
     raid1fs("add", mnt, d)
-    raid1fs("rebuild", "--wait", mnt)
+    r = raid1fs("rebuild", "--wait", mnt, check=False)
+    assert r.returncode == 1 and f"{c}: failed" in r.stdout, r.stdout  # c still listed
     _write(mnt, b"N" * MiB)
     raid1fs("umount", mnt)
     untouched = open(c, "rb").read()
@@ -201,7 +205,9 @@ def test_split_brain_settled_by_prefer_stays_settled(env):
     raid1fs("umount", mnt)
     r = raid1fs("status", "--json", a, b, s, check=False)
     st = json.loads(r.stdout)
-    assert "split_brain" not in st["volume"] and r.returncode == 0, st["volume"]
+    # Settled: no split; degraded (exit 1) only while b, stale, is listed.
+    assert "split_brain" not in st["volume"], st["volume"]
+    assert st["volume"]["state"] == "degraded" and r.returncode == 1, st["volume"]
 
     raid1fs("mount", a, b, s, mnt)  # no --prefer needed any more
     assert member_state(status_json(mnt), b) == "stale"
@@ -382,3 +388,27 @@ def test_new_member_not_yet_named_by_its_own_metadata_is_not_removed(env):
     raid1fs("mount", a, b, s, mnt)
     assert member_state(status_json(mnt), s) == "spare"
     raid1fs("umount", mnt)
+
+
+def test_a_member_whose_place_a_spare_took_stays_out_until_removed_or_added(env):
+    """b failed and spare s took its place. b, given at the next mount, is
+    stale and surplus: `rebuild` does not make it a third copy of a 2-way
+    mirror (it says why), the volume is degraded (exit 1: not every member
+    is in sync) and status says what to do; `remove b` makes it clean."""
+    a, b, s, mnt = _spare_took_the_place_of_b(env)
+    raid1fs("mount", a, b, s, mnt)
+    r = raid1fs("rebuild", "--wait", mnt, check=False)
+    assert f"{b}: not resynced: the volume already has its 2 members" in r.stdout, r.stdout
+    assert r.returncode == 1
+    st = status_json(mnt)
+    assert member_state(st, b) == "stale" and st["volume"]["members_expected"] == 2
+    assert [m["state"] for m in st["members"]].count("online") == 2
+    assert st["volume"]["state"] == "degraded"
+    r = raid1fs("status", mnt, check=False)
+    assert r.returncode == 1 and f"`raid1fs remove` {b}" in r.stdout, r.stdout
+    raid1fs("remove", mnt, b)
+    st = status_json(mnt)
+    assert st["volume"]["state"] == "clean" and st["volume"]["members_expected"] == 2
+    assert raid1fs("status", mnt, check=False).returncode == 0
+    raid1fs("umount", mnt)
+    assert data_region_hash(a) == data_region_hash(s)
