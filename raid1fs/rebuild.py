@@ -43,6 +43,14 @@ class Progress:
         """True if the member already holds regions [r0, r1)."""
         return not self.pending.any_in(r0, r1)
 
+    def copy_again(self, r0: int, r1: int) -> None:
+        """Regions [r0, r1) the member holds no longer (a write reached it
+        but failed on every in-sync member): copied again."""
+        for r in range(r0, r1):
+            if not self.pending.test(r):
+                self.pending.set_range(r, r + 1)
+                self.total_bytes += min(self.region, self.size - r * self.region)
+
     def position(self) -> int:
         """The checkpoint: every region below it that needed copying was copied."""
         r = self.pending.next_set(0)

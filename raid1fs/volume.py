@@ -324,7 +324,22 @@ class Volume:
                     return write_superblock, (x.fd, copies[x])
 
                 fail_gen = self._fail_gen  # every failure marked so far is in the copies
-                _, errors = await fanout(targets, "metadata write", call)
+                # The in-sync members first (rule 4): if it reaches none of
+                # them, it is written nowhere and nobody is failed for it.
+                # Written to a rebuilding member or a spare alone, the
+                # in-sync members would be failed and the volume left with
+                # no member in sync, which no mount accepts.
+                first = [x for x in targets if x.state == m.ONLINE] or targets
+                _, errors = await fanout(first, "metadata write", call)
+                if len(errors) == len(first):
+                    for x in errors:
+                        x.stats.note_error()
+                    raise VolumeIOError(
+                        "metadata write failed on every in-sync member: "
+                        + "; ".join(str(e) for e in errors.values()))
+                rest = [x for x in targets if x not in first]
+                if rest:
+                    errors.update((await fanout(rest, "metadata write", call))[1])
                 if not errors:
                     self._durable_fail_gen = fail_gen
                 for x in targets:
@@ -332,10 +347,6 @@ class Volume:
                         x.sb = copies[x]
                 if not errors:
                     return
-                if len(errors) == len(targets):
-                    raise VolumeIOError(
-                        "metadata write failed on every member: "
-                        + "; ".join(str(e) for e in errors.values()))
                 for x, e in errors.items():
                     self._mark_failed(x, e.reason)
 
@@ -585,8 +596,11 @@ class Volume:
         """
         if not errors:
             if self._fail_gen != self._durable_fail_gen:
-                async with self._meta_lock:  # the failing commit holds it
-                    pass
+                # Wait for the failing commit, and if it did not get through,
+                # commit again: the write may not return before the failure
+                # it relies on is durable (if it cannot be, the caller gets
+                # an error).
+                await self._commit(lambda sb: self._fail_gen != self._durable_fail_gen)
             return
         online = [x for x in targets if x.state == m.ONLINE]
         if all(x in errors for x in online):
@@ -621,6 +635,14 @@ class Volume:
             for x in targets:
                 if x not in errors:
                     x.stats.writes += 1
+            if errors and all(x in errors for x in targets if x.state == m.ONLINE):
+                # The caller gets an error and the in-sync members keep what
+                # they had; a rebuilding member that took the write differs
+                # from them there now: it copies the regions again.
+                r0, r1 = self.regions.span(offset, len(data))
+                for x in targets:
+                    if x not in errors and x.state == m.REBUILDING and x.rebuild is not None:
+                        x.rebuild.copy_again(r0, r1)
             await self._settle(targets, errors, f"write at {offset}")
         finally:
             self._ranges.release(lock)
@@ -774,7 +796,9 @@ class Volume:
                          f"{'full rebuild' if p.full else 'resync'} of {_mib(p.total_bytes)}")
         try:
             with p.cancel:
-                await self._copy_all(x, p)
+                # Again while regions were handed back (copy_again) behind it.
+                while await self._copy_all(x, p) and p.pending and x.rebuild is p:
+                    pass
             if (p.cancel.cancelled_caught or x.state != m.REBUILDING or x.rebuild is not p
                     or p.pending):
                 return  # stopped: resumed from its checkpoint later
@@ -790,23 +814,28 @@ class Volume:
             p.running = False
             p.finished.set()
 
-    async def _copy_all(self, x: Member, p: Progress) -> None:
+    async def _copy_all(self, x: Member, p: Progress) -> bool:
+        """One pass over the regions pending when it starts; False if the
+        rebuild had to stop."""
         rl = self.regions
         last_checkpoint = time.monotonic()
         for r0, r1 in list(p.pending.runs(0, max(1, CHUNK // rl.region))):
             if x.state != m.REBUILDING or x.rebuild is not p:
-                return
+                return False
+            if not p.pending.any_in(r0, r1):
+                continue
             lo, hi = rl.region_bytes(r0, r1)
             await self.throttle.take(hi - lo)
             with trio.CancelScope(shield=True):  # a copy is never left half done
                 ok = await self._copy(x, lo, hi)
             if not ok:
-                return
+                return False
             p.pending.clear_range(r0, r1)
             p.done_bytes += hi - lo
             if time.monotonic() - last_checkpoint >= CHECKPOINT_EVERY:
                 last_checkpoint = time.monotonic()
                 await self._checkpoint()
+        return True
 
     async def _checkpoint(self) -> None:
         """Record every rebuild's position (rule 15): what was copied is made

@@ -506,3 +506,147 @@ def test_calls_given_up_on_a_hung_path_do_not_starve_later_ones(tmp_path):
     finally:
         hang.set()
         close_all(found)
+
+
+def _rebuilding_third(vol):
+    """Make the third member rebuilding, holding region 0 already."""
+    from raid1fs.bitmap import Bitmap
+
+    c = vol.members[2]
+    rl = vol.regions
+    vol._set_rebuilding(c, vol.sb.roster_entry(c.uuid), Bitmap.full(rl.nregions, rl.nbytes),
+                        full=True)
+    c.rebuild.pending.clear_range(0, 1)
+    return c
+
+
+def test_a_commit_that_reaches_no_in_sync_member_fails_nobody(tmp_path, monkeypatch):
+    """Rule 4: a metadata write that fails on every in-sync member (say, the
+    disk under both hiccups) is written nowhere, not to a rebuilding member
+    alone, and fails nobody; the caller gets an error. Written to the
+    rebuilding member alone, it failed both in-sync members and left a
+    volume no mount would accept."""
+    import errno
+
+    from raid1fs import volume as vmod
+    from raid1fs.assemble import close_all
+    from raid1fs.errors import VolumeIOError
+    from raid1fs.superblock import read_superblock
+
+    vol, found = _engine_volume(tmp_path, 3)
+    a, b, _ = vol.members
+    real = vmod.write_superblock
+
+    async def scenario() -> None:
+        await vol.start()
+        c = _rebuilding_third(vol)
+        await vol._commit()
+        before = read_superblock(c.fd, c.path)[0].events
+
+        def eio_on_a_and_b(fd, sb, base=0):
+            if fd in (a.fd, b.fd):
+                raise OSError(errno.EIO, "Input/output error")
+            real(fd, sb, base)
+        monkeypatch.setattr(vmod, "write_superblock", eio_on_a_and_b)
+        with pytest.raises(VolumeIOError, match="every in-sync member"):
+            await vol.set_attrs({"mode": 0o640})
+        assert (a.state, b.state, c.state) == ("online", "online", "rebuilding")
+        assert read_superblock(c.fd, c.path)[0].events == before
+        monkeypatch.undo()
+        await vol.set_attrs({"mode": 0o640})  # the disk is back: it goes through
+        assert vol.state == "rebuilding"
+
+    try:
+        trio.run(scenario)
+    finally:
+        close_all(found)
+
+
+def test_a_write_does_not_return_before_the_failure_it_relies_on_is_durable(tmp_path,
+                                                                            monkeypatch):
+    """b fails a write; the commit that records it fails on a (the only
+    other in-sync member): that write gets an error. The next write, which
+    reaches a alone, must not return success until b's failure is in a's
+    metadata (else a crash brings b back as in sync, without that write)."""
+    import errno
+
+    from raid1fs import volume as vmod
+    from raid1fs.assemble import close_all
+    from raid1fs.errors import VolumeIOError
+    from raid1fs.superblock import read_superblock
+
+    vol, found = _engine_volume(tmp_path, 2)
+    a, b = vol.members
+    real_pwrite, real_sb = vmod.pwrite_full, vmod.write_superblock
+
+    def eio(fds):
+        def pw(fd, *args):
+            if fd in fds:
+                raise OSError(errno.EIO, "Input/output error")
+            return real_pwrite(fd, *args)
+
+        def sbw(fd, sb, base=0):
+            if fd in fds:
+                raise OSError(errno.EIO, "Input/output error")
+            real_sb(fd, sb, base)
+        return pw, sbw
+
+    async def scenario() -> None:
+        await vol.start()
+        pw, _ = eio({b.fd})
+        _, sbw = eio({a.fd, b.fd})
+        monkeypatch.setattr(vmod, "pwrite_full", pw)
+        monkeypatch.setattr(vmod, "write_superblock", sbw)
+        with pytest.raises(VolumeIOError):
+            await vol.write(0, b"x" * 4096)
+        assert b.state == "failed"  # in memory only: a's metadata write failed
+        with pytest.raises(VolumeIOError):
+            await vol.write(8192, b"y" * 4096)  # still not durable: no success
+        monkeypatch.setattr(vmod, "write_superblock", real_sb)
+        assert await vol.write(8192, b"y" * 4096) == 4096
+        sb = read_superblock(a.fd, a.path)[0]
+        assert sb.roster_entry(b.uuid).state == "failed"
+        monkeypatch.undo()
+
+    try:
+        trio.run(scenario)
+    finally:
+        close_all(found)
+
+
+def test_a_write_failed_by_every_in_sync_member_is_copied_again_to_a_rebuilding_one(
+        tmp_path, monkeypatch):
+    """A write that fails on every in-sync member (the caller gets an error,
+    they keep the old data) but reaches a rebuilding member in a region it
+    already holds: that region is pending again, so the member serves no
+    read there and the rebuild copies it from the in-sync ones."""
+    import errno
+
+    from raid1fs import volume as vmod
+    from raid1fs.assemble import close_all
+    from raid1fs.errors import VolumeIOError
+
+    vol, found = _engine_volume(tmp_path, 3)
+    a, b, _ = vol.members
+    real = vmod.pwrite_full
+
+    async def scenario() -> None:
+        await vol.start()
+        c = _rebuilding_third(vol)
+        assert c in vol.readers(0, 4096)
+
+        def eio_on_a_and_b(fd, *args):
+            if fd in (a.fd, b.fd):
+                raise OSError(errno.EIO, "Input/output error")
+            return real(fd, *args)
+        monkeypatch.setattr(vmod, "pwrite_full", eio_on_a_and_b)
+        with pytest.raises(VolumeIOError):
+            await vol.write(0, b"X" * 65536)
+        monkeypatch.undo()
+        assert (a.state, b.state) == ("online", "online")
+        assert c.rebuild.pending.test(0) and c not in vol.readers(0, 4096)
+
+    try:
+        trio.run(scenario)
+    finally:
+        close_all(found)

@@ -329,8 +329,10 @@ def test_disk_matches_plain_file_while_members_change(churn):
             states = [mem["state"] for mem in st["members"]]
             online = states.count("online")
             # Degraded also while a member not in sync is listed (a failed,
-            # stale or missing one whose place was taken): zpool's rule.
-            behind = any(s in ("failed", "stale", "missing") for s in states)
+            # stale or missing one whose place was taken): zpool's rule. Not
+            # the OLD of a replace that just ended (shown failed as it goes).
+            behind = any(mem["state"] in ("failed", "stale", "missing")
+                         and mem["path"] not in leaving for mem in st["members"])
             want = ("failed" if online == 0 else "rebuilding" if "rebuilding" in states
                     else "degraded" if online < v["members_expected"] or behind else "clean")
             assert v["state"] == want, f"volume {v['state']} with members {states} and " \
