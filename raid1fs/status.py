@@ -166,7 +166,12 @@ def format_human(st: dict[str, Any]) -> str:
             f"{e['read']:>5} {e['write']:>5} {e['checksum']:>5}  {mem['reads']:>9} "
             f"{mem['writes']:>9}")
         rb = mem.get("rebuild")
-        if rb:
+        if rb and rb.get("total_bytes") is None:
+            # Offline, a resync: how much is left is in the bitmaps, not here.
+            lines.append(f"        resync stopped (checkpoint at "
+                         f"{format_size(rb.get('checkpoint_bytes') or 0)}); it resumes at the "
+                         "next mount or `raid1fs rebuild`")
+        elif rb:
             pct = 100.0 * rb["done_bytes"] / max(1, rb["total_bytes"])
             if rb.get("running", True):
                 lines.append(f"        rebuilding {pct:.0f}%  "

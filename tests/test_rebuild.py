@@ -492,6 +492,23 @@ def test_offline_rebuild_of_a_member_that_was_missing(env):
     assert "copied" not in r.stdout, r.stdout
 
 
+def test_offline_status_of_a_resync_left_unfinished(env):
+    """A re-added member's resync, stopped by umount: offline status shows it
+    (human form and JSON), exit 1, no traceback."""
+    a, b = env.create("a.img", "b.img", size="64M")
+    mnt = env.mount(a, b, opts=["--max-rebuild-rate", "1M"])
+    raid1fs("fail", mnt, b)
+    fsync_write(mnt / "disk", [(0, os.urandom(16 * MiB))])
+    raid1fs("add", mnt, b)
+    raid1fs("umount", mnt)
+    r = raid1fs("status", a, b, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert "resync stopped (checkpoint at" in r.stdout, r.stdout
+    st = status_json(a, b)
+    assert member_state(st, b) == "rebuilding"
+    assert member_entry(st, b)["rebuild"]["kind"] == "resync"
+
+
 # ----- bad input (guarantee 9) -----------------------------------------------------
 
 BAD_ADDS = ["other-volume", "other-volume-as-new", "too-small", "holds-data", "no-parent",
