@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from raid1fs import control
+from raid1fs import control, probe
 from raid1fs.assemble import Plan, assemble, close_all, read_members
 from raid1fs.errors import BadMemberError, Raid1fsError, UsageError
 from raid1fs.events import EventSink
@@ -129,6 +129,8 @@ def prepare(req: MountRequest) -> tuple[str, Plan]:
     """Every check before anything is written (guarantee 9)."""
     if req.io_timeout <= 0:
         raise UsageError("--io-timeout must be greater than zero")
+    # Before anything touches them here: a hung path fails the mount, not hangs it.
+    probe.answer([os.path.abspath(p) for p in req.members], req.io_timeout)
     mp = check_mountpoint(req)
     members = req.members
     if req.degraded:

@@ -315,6 +315,36 @@ def test_add_of_a_hung_path_gives_up_after_the_io_timeout(env):
     assert str(ffs / "new.img") not in [m["path"] for m in status_json(mnt)["members"]]
 
 
+def test_a_hung_member_path_fails_mount_and_status_instead_of_hanging_them(env):
+    """A member on a file system that hangs: `mount` fails after about
+    --io-timeout, `status MEMBER...` after RAID1FS_IO_TIMEOUT, each with one
+    line naming the path (status: exit 3, cannot tell); nothing is changed,
+    and both work once the file system answers again."""
+    _, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="16M")
+    mnt = env.mkdir("mnt")
+    env.cleanup.push(_unmount_raid1fs, str(mnt))
+    before = sha256(b)
+    faultfs("set", ffs, "hang")
+    try:
+        t0 = time.monotonic()
+        r = raid1fs("mount", "--io-timeout", "2", a, b, mnt, check=False, timeout=60)
+        assert time.monotonic() - t0 < 2 + 5
+        assert r.returncode not in (0, 2) and "no answer within 2 s" in one_line(r.stderr)
+        assert str(a) in one_line(r.stderr), r.stderr
+        assert not os.path.ismount(mnt)
+        t0 = time.monotonic()
+        r = raid1fs("status", a, b, check=False, timeout=60,
+                    env=dict(os.environ, RAID1FS_IO_TIMEOUT="2"))
+        assert time.monotonic() - t0 < 2 + 5
+        assert r.returncode == 3 and str(a) in one_line(r.stderr), r.stderr
+    finally:
+        faultfs("set", ffs, "ok")
+    assert sha256(b) == before
+    assert raid1fs("status", a, b, check=False).returncode == 0
+    raid1fs("mount", a, b, mnt)
+    raid1fs("umount", mnt)
+
 def test_umount_says_so_when_a_member_fails_in_the_final_flush(env):
     """A member that hangs in the final flush of `raid1fs umount` is failed
     after --io-timeout: the unmount works (exit 0) and says that the volume

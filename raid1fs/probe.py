@@ -1,0 +1,99 @@
+"""Asking member paths whether they answer, without getting stuck with them.
+
+A path on a hung file system or device (an NFS server gone, a FUSE file
+system that stopped answering, a dying disk) can block any process that
+touches it, often in a wait no signal ends. A command that must read its
+members' metadata (mount, status, offline rebuild, create) first lets a
+throw-away child process stat, open and read each path; if the child has not
+answered within the I/O timeout, the command fails naming the path, instead
+of hanging with it. The child is left to the kernel (it ends, or stays stuck,
+on its own); the command has changed nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+
+from raid1fs.errors import BadMemberError
+
+DEFAULT_TIMEOUT = 30.0
+ENV_TIMEOUT = "RAID1FS_IO_TIMEOUT"
+
+
+def default_timeout() -> float:
+    """--io-timeout's default: RAID1FS_IO_TIMEOUT (seconds) or 30."""
+    try:
+        t = float(os.environ.get(ENV_TIMEOUT, ""))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return t if t > 0 else DEFAULT_TIMEOUT
+
+
+def _touch(path: str) -> None:
+    """What reading a member's metadata does first: stat, open, read."""
+    try:
+        os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # the command itself reports what is wrong with it
+    try:
+        os.pread(fd, 4096, 0)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def answer(paths: list[str], timeout: float) -> None:
+    """Raise BadMemberError naming the first of `paths` that does not
+    answer within `timeout` seconds."""
+    if not paths:
+        return
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no Python clean-up, no flushing of shared buffers
+        status = 0
+        try:
+            os.close(r)
+            # It may outlive the command (stuck): it must not hold the
+            # command's output open, or whoever reads it waits for it too.
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            for i, p in enumerate(paths):
+                _touch(p)
+                os.write(w, b"%d\n" % i)
+        except BaseException:
+            status = 1
+        os._exit(status)
+    os.close(w)
+    done = 0
+    ended = False
+    buf = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ended:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([r], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(r, 4096)
+            ended = not chunk  # the child is done (or died: then the command finds out)
+            buf += chunk
+            done = buf.count(b"\n")
+    finally:
+        os.close(r)
+    if ended or done >= len(paths):
+        os.waitpid(pid, 0)
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)  # ends it if it can be ended; not waited for
+    except OSError:
+        pass
+    raise BadMemberError(f"{paths[done]}: no answer within {timeout:g} s (a hung file system "
+                         "or device?); nothing was changed")
