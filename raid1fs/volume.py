@@ -250,13 +250,14 @@ class Volume:
             if not os.path.isabs(path):
                 raise  # a member UUID that is not ours
             x = await self._bounded(path, self._member_at, os.path.abspath(path),
-                                    list(self.members))
+                                    list(self.members), outcome="nothing done")
             if x is None:
                 raise
             return x
 
     async def _bounded(self, path: str, fn: Callable[..., T], *args: Any,
-                       undo: Callable[[T], object] | None = None) -> T:
+                       undo: Callable[[T], object] | None = None,
+                       outcome: str = "not added") -> T:
         """fn(*args) in a thread, given up after the I/O timeout with a
         one-line error naming `path`. A call that returns after it was given
         up is undone (`undo(result)`), so it leaves nothing behind."""
@@ -285,7 +286,7 @@ class Volume:
         if late is not None and undo is not None:
             undo(late)
         raise GivenUp(f"{path}: no answer within the {self.io_timeout:g} s I/O timeout; "
-                      "not added")
+                      f"{outcome}")
 
     # ----- metadata ---------------------------------------------------------
 

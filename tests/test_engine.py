@@ -650,3 +650,28 @@ def test_a_write_failed_by_every_in_sync_member_is_copied_again_to_a_rebuilding_
         trio.run(scenario)
     finally:
         close_all(found)
+
+
+def test_fail_of_a_hung_path_says_nothing_was_done(tmp_path, monkeypatch):
+    """fail/remove/replace look a path up (another name of a member?) under
+    the I/O timeout; when it does not answer the one-line error says
+    nothing was done (not "not added": that is add's)."""
+    from raid1fs.assemble import close_all
+    from raid1fs.volume import GivenUp
+
+    vol, found = _engine_volume(tmp_path)
+    vol.io_timeout = 0.05
+    hang = threading.Event()
+    monkeypatch.setattr(vol, "_member_at", lambda *a: hang.wait())
+
+    async def scenario() -> None:
+        await vol.start()
+        with pytest.raises(GivenUp) as e:
+            await vol.fail(str(tmp_path / "elsewhere" / "m0.img"))
+        assert str(e.value).endswith("I/O timeout; nothing done"), str(e.value)
+
+    try:
+        trio.run(scenario)
+    finally:
+        hang.set()
+        close_all(found)
