@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("create", help="initialise a new volume")
     c.add_argument("--kind", choices=["tree", "disk"], default="tree")
     c.add_argument("--name", default="")
-    c.add_argument("--size", type=_size, help="volume size for disk volumes (K, M, G, T)")
+    c.add_argument("--size", type=_size,
+                   help="volume size for disk volumes (K, M, G, T: powers of 1024)")
     c.add_argument("--no-checksums", action="store_true")
     c.add_argument("--adopt", action="store_true", help="first member's contents become the volume")
     c.add_argument("--force", action="store_true", help="overwrite members that hold data")
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prefer", metavar="MEMBER", help="the member that wins a split brain")
     m.add_argument("--io-timeout", type=_seconds, default=30.0, metavar="SECONDS")
     m.add_argument("--max-rebuild-rate", type=_rate, metavar="RATE",
-                   help="bytes per second (K, M, G suffixes) a rebuild may copy; default unlimited")
+                   help="bytes per second (K, M, G, T suffixes) a rebuild may copy; default "
+                        "unlimited")
     m.add_argument("--on-event", metavar="CMD")
     m.add_argument("-o", dest="options", type=_options, action="append", default=[],
                    metavar="OPT[,OPT...]")
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rebuild", help="resilver every member that needs it")
     rb.add_argument("--wait", action="store_true")
     rb.add_argument("--max-rate", type=_rate, metavar="RATE",
-                    help="bytes per second (K, M, G suffixes); 0 or unlimited lifts the limit")
+                    help="bytes per second (K, M, G, T suffixes); 0 or unlimited lifts the limit")
     rb.add_argument("paths", nargs="+", metavar="MOUNTPOINT|MEMBER")
 
     sc = sub.add_parser("scrub", help="verify every copy, and repair with --repair")
@@ -320,7 +322,10 @@ def cmd_replace(a: argparse.Namespace) -> int:
 def _print_join(r: dict) -> None:
     from raid1fs.sizes import format_size
 
-    if r["state"] == "spare":
+    if r["state"] == "spare" and r.get("takes_over"):
+        print(f"{r['path']}: added as a spare (slot {r['slot']}); the volume is short of a "
+              "member, so it takes over at once: follow its rebuild with `raid1fs status`")
+    elif r["state"] == "spare":
         print(f"{r['path']}: added as a spare (slot {r['slot']})")
     else:
         print(f"{r['path']}: {r['state']}, {r['kind']} of {format_size(r['total_bytes'])} "

@@ -1215,7 +1215,9 @@ class Volume:
             rl = self.regions
             await self._begin_rebuild(x, entry, Bitmap.full(rl.nregions, rl.nbytes), True,
                                       replaces=replaces, zeroed=nm.created)
-        return {**self._describe(x), "widened": widened}
+        takes_over = spare and not self.readonly and \
+            self._filled() < self.sb.members_expected  # _take_spares, just started
+        return {**self._describe(x), "widened": widened, "takes_over": takes_over}
 
     def _sb_for_new(self, slot: int) -> Superblock:
         sb = self.sb.copy()

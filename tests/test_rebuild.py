@@ -455,6 +455,21 @@ def test_spare_takes_over_a_faultfs_failed_member(env):
     assert data_region_hash(d) == data_region_hash(b) == disk_hash
 
 
+def test_a_spare_added_to_a_degraded_volume_says_it_takes_over(env):
+    """`add --spare` while the volume is short of a member: the spare takes
+    over at once, and the command says so (not just "added as a spare")."""
+    (a, b), mnt = env.volume(size="16M")
+    raid1fs("fail", mnt, a)
+    s = env.path("s.img")
+    r = raid1fs("add", "--spare", mnt, s)
+    assert "takes over at once" in r.stdout, r.stdout
+    wait_for(lambda: member_state(status_json(mnt), s) == "online", timeout=30,
+             what="the spare in sync")
+    s2 = env.path("s2.img")
+    r = raid1fs("add", "--spare", mnt, s2)  # now the mirror is full: it waits
+    assert r.stdout.strip() == f"{s2}: added as a spare (slot 3)", r.stdout
+
+
 # ----- offline rebuild -------------------------------------------------------------
 
 def test_offline_rebuild_of_a_member_that_was_missing(env):
