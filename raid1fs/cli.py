@@ -186,6 +186,10 @@ def cmd_umount(a: argparse.Namespace) -> int:
     if r.returncode:
         msg = (r.stderr.strip().splitlines() or ["unmount failed"])[-1]
         msg = msg.removeprefix("fusermount3: ")
+        loops = _loops_over(os.path.join(os.path.realpath(mp), "disk"))
+        if loops:
+            msg += (f" ({', '.join(loops)} attached to its disk: `losetup -d` "
+                    f"{'it' if len(loops) == 1 else 'them'} first)")
         raise Raid1fsError(f"{a.mountpoint}: cannot unmount: {msg}")
     deadline = time.monotonic() + st["volume"].get("io_timeout", 30) * 2 + 30
     while os.path.exists(f"/proc/{pid}") and _alive(pid):
@@ -215,6 +219,25 @@ def _note_stuck_threads(pid: int, grace: float = 1.0) -> None:
         time.sleep(0.05)
     print(f"{PROG}: note: mount process {pid} still has I/O stuck on a hung member; it goes "
           "once that I/O returns (the other members were let go)", file=sys.stderr)
+
+
+def _loops_over(path: str) -> list[str]:
+    """The loop devices attached to a file, by the file's path."""
+    out: list[str] = []
+    try:
+        names = sorted(os.listdir("/sys/block"))
+    except OSError:
+        return out
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                if f.read().rstrip("\n") == path:
+                    out.append(f"/dev/{name}")
+        except OSError:
+            continue
+    return out
 
 
 def _exit_report(mp: str) -> str | None:

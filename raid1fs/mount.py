@@ -133,6 +133,11 @@ def prepare(req: MountRequest) -> tuple[str, Plan]:
     probe.answer([os.path.abspath(p) for p in req.members], req.io_timeout)
     mp = check_mountpoint(req)
     members = req.members
+    if not req.degraded:
+        first_gone = next((p for p in req.members if _not_there(p)), None)
+        if first_gone is not None:
+            raise BadMemberError(f"{os.path.abspath(first_gone)}: no such file or device (to "
+                                 "mount without it, give the same command with --degraded)")
     if req.degraded:
         # What the refusal without --degraded suggests: the same command with
         # it. A named member that is not there is left out, and said so.

@@ -462,6 +462,8 @@ def test_missing_member_needs_degraded(env):
     mnt = env.mkdir("mnt")
     before = snapshot(a, env.path("b.away"))
     assert_refused(mount(a, mnt), b)
+    line = assert_refused(mount(a, b, mnt), b)  # named, but gone
+    assert "with --degraded" in line, line
     assert_unchanged(before)
     assert not os.path.ismount(mnt)
 

@@ -607,3 +607,15 @@ def test_mount_prunes_old_logs_of_mount_points_not_in_use(env):
     assert not any(os.path.exists(p) for p in stale)
     assert os.path.exists(fresh) and os.path.exists(live_log)
     os.unlink(fresh)
+
+
+def test_umount_refused_while_a_loop_device_holds_the_disk_names_it(env):
+    """umount while the disk is attached to a loop device: refused in one
+    line that names the loop device and what to do; the mount goes on."""
+    _, mnt = env.volume(size="16M")
+    loop = env.losetup(mnt / "disk")
+    r = raid1fs("umount", mnt, check=False)
+    assert r.returncode not in (0, 2), r.stderr
+    line = one_line(r.stderr)
+    assert str(mnt) in line and f"{loop} attached to its disk" in line, line
+    assert os.path.ismount(mnt) and status_json(mnt)["volume"]["state"] == "clean"
