@@ -151,6 +151,10 @@ def format_human(st: dict[str, Any]) -> str:
         lines.append(f"  action: the mirror has its {v['members_expected']} members in sync; "
                      f"`raid1fs remove` {', '.join(behind)} if it is gone for good, or "
                      "`raid1fs add` it back (a wider mirror)")
+    held = sum(mem["state"] != "spare" for mem in st["members"])
+    if held < v["members_expected"]:
+        lines.append(f"   empty: {v['members_expected'] - held} of the "
+                     f"{v['members_expected']} slots without a member; `raid1fs add` one")
     if v.get("resync_pending_bytes"):
         lines.append(f"  resync: {format_size(v['resync_pending_bytes'])} where writes were in "
                      "flight may differ between members; the next mount resyncs it")
@@ -176,7 +180,8 @@ def format_human(st: dict[str, Any]) -> str:
             if rb.get("running", True):
                 lines.append(f"        rebuilding {pct:.0f}%  "
                              f"{format_size(rb['rate_bytes_per_s'])}/s"
-                             f"  ETA {_eta(rb.get('eta_s'))}")
+                             f"  ETA {_eta(rb.get('eta_s'))}"
+                             + (f"  (replacing {rb['replaces']})" if rb.get("replaces") else ""))
             else:  # offline, or stopped on an error (below)
                 lines.append(f"        rebuild stopped at {pct:.0f}%"
                              + (f": {rb['error']}" if rb.get("error") else

@@ -1282,7 +1282,12 @@ class Volume:
         if x.state != m.REBUILDING:
             return None
         if x.rebuild is not None:
-            return x.rebuild.as_status()
+            st = x.rebuild.as_status()
+            if x.rebuild.replaces:  # the path of the member it replaces
+                old = next((y for y in self.members if y.uuid == x.rebuild.replaces), None)
+                entry = self.sb.roster_entry(x.rebuild.replaces)
+                st["replaces"] = old.path if old else entry.path if entry else None
+            return st
         # Offline: only the checkpoint in the metadata is known.
         entry = self.sb.roster_entry(x.uuid)
         pos = entry.rebuild_pos if entry is not None else 0

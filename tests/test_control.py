@@ -95,6 +95,27 @@ def test_status_human_table(env):
     assert "DEGRADED" in r.stdout
 
 
+def test_status_shows_an_empty_slot_and_what_a_rebuild_replaces(env):
+    """After `remove` on a 2-way mirror the table says a slot has no member;
+    while `replace` runs, the new member's progress line names the old one
+    (JSON: members[].rebuild.replaces)."""
+    (a, b), mnt = env.volume(size="64M", opts=["--max-rebuild-rate", "1M"])
+    c = env.path("c.img")
+    raid1fs("replace", mnt, b, c)
+    r = raid1fs("status", mnt, check=False)
+    assert f"(replacing {b})" in r.stdout, r.stdout
+    assert member(status_json(mnt), c)["rebuild"]["replaces"] == str(b)
+    raid1fs("fail", mnt, c)
+    raid1fs("remove", mnt, c)
+    r = raid1fs("status", mnt, check=False)
+    assert "empty: 1 of the 2 slots without a member" not in r.stdout, r.stdout  # a, b
+    raid1fs("fail", mnt, b)
+    raid1fs("remove", mnt, b)
+    r = raid1fs("status", mnt, check=False)
+    assert r.returncode == 1 and "empty: 1 of the 2 slots without a member" in r.stdout, \
+        r.stdout
+
+
 def test_status_json_has_every_contract_field(env):
     """`status --json` carries every field the contract lists, with the
     right types, for a mount and for the members of an unmounted volume."""
