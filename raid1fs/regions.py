@@ -85,7 +85,8 @@ class RegionLog:
         regions = range(r0, r1)
         for r in regions:
             self.inflight_regions[r] = self.inflight_regions.get(r, 0) + 1
-        self.unsynced.set_range(r0, r1)
+        if r1 - r0 > 1 or not self.unsynced.test(r0):  # (set already: the usual case)
+            self.unsynced.set_range(r0, r1)
         groups = range(r0 // self.group, (r1 - 1) // self.group + 1)
         for g in groups:
             self.inflight[g] = self.inflight.get(g, 0) + 1
