@@ -337,6 +337,16 @@ def test_io_threads_grow_only_when_calls_would_queue():
     trio.run(main)
 
 
+def _run(scenario, found) -> None:
+    """trio.run(scenario), the members of `found` closed whatever happens."""
+    from raid1fs.assemble import close_all
+
+    try:
+        trio.run(scenario)
+    finally:
+        close_all(found)
+
+
 def _engine_volume(tmp_path, n: int = 2):
     from raid1fs.assemble import assemble, read_members
     from raid1fs.create import create_disk
@@ -355,7 +365,6 @@ def test_a_checkpoint_records_only_what_its_fdatasync_covered(tmp_path, monkeypa
     reached when the metadata is written."""
     import os
 
-    from raid1fs.assemble import close_all
     from raid1fs.bitmap import Bitmap
 
     vol, found = _engine_volume(tmp_path)
@@ -377,17 +386,13 @@ def test_a_checkpoint_records_only_what_its_fdatasync_covered(tmp_path, monkeypa
         monkeypatch.undo()
         assert vol.sb.roster_entry(b.uuid).rebuild_pos == 2 * rl.region
 
-    try:
-        trio.run(scenario)
-    finally:
-        close_all(found)
+    _run(scenario, found)
 
 
 def test_a_failed_member_whose_io_still_hangs_is_not_re_added(tmp_path):
     """Re-adding a failed member while a write to it still hangs would let
     that write land after the resync copied its region: refused, with a
     one-line reason naming it, until the I/O ends."""
-    from raid1fs.assemble import close_all
     from raid1fs.errors import Raid1fsError
 
     vol, found = _engine_volume(tmp_path)
@@ -406,17 +411,13 @@ def test_a_failed_member_whose_io_still_hangs_is_not_re_added(tmp_path):
         assert (await vol.add(a.path))["state"] == "rebuilding"
         await vol.shutdown()
 
-    try:
-        trio.run(scenario)
-    finally:
-        close_all(found)
+    _run(scenario, found)
 
 
 def test_a_new_rebuild_clears_the_last_ones_summary(tmp_path):
     """members[].last_rebuild is the last rebuild finished: once another
     starts it is cleared, so `rebuild --wait` never reports an old "done"
     beside the new rebuild's failure."""
-    from raid1fs.assemble import close_all
     from raid1fs.bitmap import Bitmap
 
     vol, found = _engine_volume(tmp_path)
@@ -433,10 +434,7 @@ def test_a_new_rebuild_clears_the_last_ones_summary(tmp_path):
         st = {m["path"]: m for m in vol.status()["members"]}
         assert st[b.path]["last_rebuild"] is None and st[b.path]["rebuild"] is not None
 
-    try:
-        trio.run(scenario)
-    finally:
-        close_all(found)
+    _run(scenario, found)
 
 
 def test_an_add_of_a_member_being_removed_waits_for_the_removal(tmp_path, monkeypatch):
@@ -445,7 +443,6 @@ def test_an_add_of_a_member_being_removed_waits_for_the_removal(tmp_path, monkey
     then adds it back, instead of finding it still locked by this very mount
     ("in use by another raid1fs process")."""
     from raid1fs import volume as vmod
-    from raid1fs.assemble import close_all
 
     vol, found = _engine_volume(tmp_path, 3)
     a = vol.members[0]
@@ -478,10 +475,7 @@ def test_an_add_of_a_member_being_removed_waits_for_the_removal(tmp_path, monkey
         assert a.path in [x.path for x in vol.members]
         await vol.shutdown()
 
-    try:
-        trio.run(scenario)
-    finally:
-        close_all(found)
+    _run(scenario, found)
 
 
 def test_calls_given_up_on_a_hung_path_do_not_starve_later_ones(tmp_path):
@@ -529,7 +523,6 @@ def test_a_commit_that_reaches_no_in_sync_member_fails_nobody(tmp_path, monkeypa
     import errno
 
     from raid1fs import volume as vmod
-    from raid1fs.assemble import close_all
     from raid1fs.errors import VolumeIOError
     from raid1fs.superblock import read_superblock
 
@@ -556,10 +549,7 @@ def test_a_commit_that_reaches_no_in_sync_member_fails_nobody(tmp_path, monkeypa
         await vol.set_attrs({"mode": 0o640})  # the disk is back: it goes through
         assert vol.state == "rebuilding"
 
-    try:
-        trio.run(scenario)
-    finally:
-        close_all(found)
+    _run(scenario, found)
 
 
 def test_a_write_does_not_return_before_the_failure_it_relies_on_is_durable(tmp_path,
@@ -571,7 +561,6 @@ def test_a_write_does_not_return_before_the_failure_it_relies_on_is_durable(tmp_
     import errno
 
     from raid1fs import volume as vmod
-    from raid1fs.assemble import close_all
     from raid1fs.errors import VolumeIOError
     from raid1fs.superblock import read_superblock
 
@@ -608,10 +597,7 @@ def test_a_write_does_not_return_before_the_failure_it_relies_on_is_durable(tmp_
         assert sb.roster_entry(b.uuid).state == "failed"
         monkeypatch.undo()
 
-    try:
-        trio.run(scenario)
-    finally:
-        close_all(found)
+    _run(scenario, found)
 
 
 def test_a_write_failed_by_every_in_sync_member_is_copied_again_to_a_rebuilding_one(
@@ -623,7 +609,6 @@ def test_a_write_failed_by_every_in_sync_member_is_copied_again_to_a_rebuilding_
     import errno
 
     from raid1fs import volume as vmod
-    from raid1fs.assemble import close_all
     from raid1fs.errors import VolumeIOError
 
     vol, found = _engine_volume(tmp_path, 3)
@@ -646,10 +631,7 @@ def test_a_write_failed_by_every_in_sync_member_is_copied_again_to_a_rebuilding_
         assert (a.state, b.state) == ("online", "online")
         assert c.rebuild.pending.test(0) and c not in vol.readers(0, 4096)
 
-    try:
-        trio.run(scenario)
-    finally:
-        close_all(found)
+    _run(scenario, found)
 
 
 def test_fail_of_a_hung_path_says_nothing_was_done(tmp_path, monkeypatch):
