@@ -502,6 +502,18 @@ def test_calls_given_up_on_a_hung_path_do_not_starve_later_ones(tmp_path):
         close_all(found)
 
 
+def _eio_on(fds, real):
+    """`real` (a member I/O function taking the fd first), failing with EIO
+    on the members whose fds are in `fds`."""
+    import errno
+
+    def call(fd, *args):
+        if fd in fds:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, *args)
+    return call
+
+
 def _rebuilding_third(vol):
     """Make the third member rebuilding, holding region 0 already."""
     from raid1fs.bitmap import Bitmap
@@ -520,7 +532,6 @@ def test_a_commit_that_reaches_no_in_sync_member_fails_nobody(tmp_path, monkeypa
     alone, and fails nobody; the caller gets an error. Written to the
     rebuilding member alone, it failed both in-sync members and left a
     volume no mount would accept."""
-    import errno
 
     from raid1fs import volume as vmod
     from raid1fs.errors import VolumeIOError
@@ -528,19 +539,14 @@ def test_a_commit_that_reaches_no_in_sync_member_fails_nobody(tmp_path, monkeypa
 
     vol, found = _engine_volume(tmp_path, 3)
     a, b, _ = vol.members
-    real = vmod.write_superblock
 
     async def scenario() -> None:
         await vol.start()
         c = _rebuilding_third(vol)
         await vol._commit()
         before = read_superblock(c.fd, c.path)[0].events
-
-        def eio_on_a_and_b(fd, sb, base=0):
-            if fd in (a.fd, b.fd):
-                raise OSError(errno.EIO, "Input/output error")
-            real(fd, sb, base)
-        monkeypatch.setattr(vmod, "write_superblock", eio_on_a_and_b)
+        monkeypatch.setattr(vmod, "write_superblock",
+                            _eio_on({a.fd, b.fd}, vmod.write_superblock))
         with pytest.raises(VolumeIOError, match="every in-sync member"):
             await vol.set_attrs({"mode": 0o640})
         assert (a.state, b.state, c.state) == ("online", "online", "rebuilding")
@@ -558,7 +564,6 @@ def test_a_write_does_not_return_before_the_failure_it_relies_on_is_durable(tmp_
     other in-sync member): that write gets an error. The next write, which
     reaches a alone, must not return success until b's failure is in a's
     metadata (else a crash brings b back as in sync, without that write)."""
-    import errno
 
     from raid1fs import volume as vmod
     from raid1fs.errors import VolumeIOError
@@ -566,26 +571,12 @@ def test_a_write_does_not_return_before_the_failure_it_relies_on_is_durable(tmp_
 
     vol, found = _engine_volume(tmp_path, 2)
     a, b = vol.members
-    real_pwrite, real_sb = vmod.pwrite_full, vmod.write_superblock
-
-    def eio(fds):
-        def pw(fd, *args):
-            if fd in fds:
-                raise OSError(errno.EIO, "Input/output error")
-            return real_pwrite(fd, *args)
-
-        def sbw(fd, sb, base=0):
-            if fd in fds:
-                raise OSError(errno.EIO, "Input/output error")
-            real_sb(fd, sb, base)
-        return pw, sbw
+    real_sb = vmod.write_superblock
 
     async def scenario() -> None:
         await vol.start()
-        pw, _ = eio({b.fd})
-        _, sbw = eio({a.fd, b.fd})
-        monkeypatch.setattr(vmod, "pwrite_full", pw)
-        monkeypatch.setattr(vmod, "write_superblock", sbw)
+        monkeypatch.setattr(vmod, "pwrite_full", _eio_on({b.fd}, vmod.pwrite_full))
+        monkeypatch.setattr(vmod, "write_superblock", _eio_on({a.fd, b.fd}, real_sb))
         with pytest.raises(VolumeIOError):
             await vol.write(0, b"x" * 4096)
         assert b.state == "failed"  # in memory only: a's metadata write failed
@@ -606,25 +597,18 @@ def test_a_write_failed_by_every_in_sync_member_is_copied_again_to_a_rebuilding_
     they keep the old data) but reaches a rebuilding member in a region it
     already holds: that region is pending again, so the member serves no
     read there and the rebuild copies it from the in-sync ones."""
-    import errno
 
     from raid1fs import volume as vmod
     from raid1fs.errors import VolumeIOError
 
     vol, found = _engine_volume(tmp_path, 3)
     a, b, _ = vol.members
-    real = vmod.pwrite_full
 
     async def scenario() -> None:
         await vol.start()
         c = _rebuilding_third(vol)
         assert c in vol.readers(0, 4096)
-
-        def eio_on_a_and_b(fd, *args):
-            if fd in (a.fd, b.fd):
-                raise OSError(errno.EIO, "Input/output error")
-            return real(fd, *args)
-        monkeypatch.setattr(vmod, "pwrite_full", eio_on_a_and_b)
+        monkeypatch.setattr(vmod, "pwrite_full", _eio_on({a.fd, b.fd}, vmod.pwrite_full))
         with pytest.raises(VolumeIOError):
             await vol.write(0, b"X" * 65536)
         monkeypatch.undo()
