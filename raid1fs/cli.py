@@ -138,7 +138,7 @@ def cmd_create(a: argparse.Namespace) -> int:
         raise UsageError("--adopt applies to tree volumes only")
     from raid1fs.create import create_disk
 
-    probe.answer([os.path.abspath(p) for p in a.members], probe.default_timeout())
+    probe.answer(a.members)
     sb = create_disk(a.members, a.name, a.size, not a.no_checksums, a.force)
     called = f"{sb.name} ({sb.volume_uuid})" if sb.name else sb.volume_uuid
     print(f"created disk volume {called}: {sb.size} bytes on {len(a.members)} members, "
@@ -282,7 +282,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     from raid1fs import status as S
 
     try:
-        probe.answer([os.path.abspath(p) for p in a.paths], probe.default_timeout())
+        probe.answer(a.paths)
         if len(a.paths) == 1 and _names_a_mount(a.paths[0]):
             st = control.request(a.paths[0], "status", timeout=30)
         else:
@@ -359,7 +359,7 @@ def _print_join(r: dict) -> None:
 
 
 def cmd_rebuild(a: argparse.Namespace) -> int:
-    probe.answer([os.path.abspath(p) for p in a.paths], probe.default_timeout())
+    probe.answer(a.paths)
     if len(a.paths) == 1 and _names_a_mount(a.paths[0]):
         return _rebuild_online(a)
     from raid1fs import offline  # the offline form always waits

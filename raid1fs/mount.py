@@ -130,7 +130,7 @@ def prepare(req: MountRequest) -> tuple[str, Plan]:
     if req.io_timeout <= 0:
         raise UsageError("--io-timeout must be greater than zero")
     # Before anything touches them here: a hung path fails the mount, not hangs it.
-    probe.answer([os.path.abspath(p) for p in req.members], req.io_timeout)
+    probe.answer(req.members, req.io_timeout)
     mp = check_mountpoint(req)
     members = req.members
     if not req.degraded:

@@ -47,11 +47,13 @@ def _touch(path: str) -> None:
         os.close(fd)
 
 
-def answer(paths: list[str], timeout: float) -> None:
+def answer(paths: list[str], timeout: float | None = None) -> None:
     """Raise BadMemberError naming the first of `paths` that does not
-    answer within `timeout` seconds."""
+    answer within `timeout` seconds (default: default_timeout())."""
     if not paths:
         return
+    paths = [os.path.abspath(p) for p in paths]
+    timeout = default_timeout() if timeout is None else timeout
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: no Python clean-up, no flushing of shared buffers

@@ -28,9 +28,10 @@ def offline_status(paths: list[str]) -> dict[str, Any]:
         for f in found:
             try:
                 fcntl.flock(f.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                if m.backing_file_locked(f.fd):
-                    raise BlockingIOError
+                locked = m.backing_file_locked(f.fd)  # a loop device: its file
             except OSError:
+                locked = True
+            if locked:
                 in_use.append(f.path)
         plan = assemble(found, degraded=True, strict=False)
         volume = Volume(plan)

@@ -823,8 +823,6 @@ class Volume:
         for r0, r1 in list(p.pending.runs(0, max(1, CHUNK // rl.region))):
             if x.state != m.REBUILDING or x.rebuild is not p:
                 return False
-            if not p.pending.any_in(r0, r1):
-                continue
             lo, hi = rl.region_bytes(r0, r1)
             await self.throttle.take(hi - lo)
             with trio.CancelScope(shield=True):  # a copy is never left half done
