@@ -348,12 +348,17 @@ def log_path(mountpoint: str) -> str:
 
 
 LOG_KEEP_DAYS = 30
+# A socket a killed mount left behind: once its mount point is no longer
+# mounted it serves nobody. The age keeps prune off the socket of a mount
+# that came up after prune listed the mounts (its socket is seconds old).
+STALE_SOCKET_S = 3600
 
 
 def prune_run_dir(directory: str, now: float | None = None) -> None:
     """Remove the logs and exit reports of mount points not mounted now and
     untouched for LOG_KEEP_DAYS (one log per mount point ever used would
-    otherwise pile up until reboot). Best effort."""
+    otherwise pile up until reboot), and their sockets a killed mount left
+    behind, once STALE_SOCKET_S old. Best effort."""
     now = time.time() if now is None else now
     live = {control.mount_key(mp, resolved=True) for mp, fstype, _ in control.mounts()
             if fstype == "fuse.raid1fs"}
@@ -363,11 +368,12 @@ def prune_run_dir(directory: str, now: float | None = None) -> None:
         return
     for name in names:
         key, dot, ext = name.partition(".")
-        if ext not in ("log", "sock.exit") or key in live:
+        keep_s = STALE_SOCKET_S if ext == "sock" else LOG_KEEP_DAYS * 86400
+        if ext not in ("log", "sock.exit", "sock") or key in live:
             continue
         path = os.path.join(directory, name)
         try:
-            if now - os.stat(path).st_mtime > LOG_KEEP_DAYS * 86400:
+            if now - os.lstat(path).st_mtime > keep_s:
                 os.unlink(path)
         except OSError:
             pass

@@ -8,6 +8,7 @@ import json
 import mmap
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -609,8 +610,9 @@ def test_resync_after_a_crash_is_not_reported_degraded(env):
 
 def test_mount_prunes_old_logs_of_mount_points_not_in_use(env):
     """Each mount point ever used leaves a log in the run directory; mount
-    removes those (and unread exit reports) untouched for 30 days, unless
-    that mount point is mounted now."""
+    removes those (and unread exit reports) untouched for 30 days, and the
+    sockets a killed mount left behind once an hour old, unless that mount
+    point is mounted now."""
     run_dir = os.environ["RAID1FS_RUN_DIR"]
     old = time.time() - 40 * 86400
     (a, b), mnt = env.volume(size="16M")
@@ -618,6 +620,15 @@ def test_mount_prunes_old_logs_of_mount_points_not_in_use(env):
     stale = [os.path.join(run_dir, n) for n in ("0123456789abcdef.log",
                                                   "0123456789abcdef.sock.exit")]
     fresh = os.path.join(run_dir, "fedcba9876543210.log")
+    live_sock = control.socket_path(str(mnt))
+    dead_socks = [os.path.join(run_dir, n) for n in ("0123456789abcdef.sock",
+                                                       "1123456789abcdef.sock")]
+    for p in dead_socks:  # what kill -9 leaves: a bound socket nobody serves
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(p)
+    hour_ago = time.time() - 2 * 3600
+    os.utime(dead_socks[0], (hour_ago, hour_ago))
+    os.utime(live_sock, (old, old))
     for p in [*stale, fresh]:
         with open(p, "w") as f:
             f.write("x\n")
@@ -625,9 +636,11 @@ def test_mount_prunes_old_logs_of_mount_points_not_in_use(env):
         os.utime(p, (old, old))
     c, d = env.create("c.img", "d.img", size="16M")
     env.mount(c, d, mp="mnt2")
-    assert not any(os.path.exists(p) for p in stale)
-    assert os.path.exists(fresh) and os.path.exists(live_log)
-    os.unlink(fresh)
+    assert not any(os.path.exists(p) for p in [*stale, dead_socks[0]])
+    assert all(os.path.exists(p) for p in (fresh, live_log, live_sock, dead_socks[1]))
+    assert status_json(mnt)["volume"]["mounted"]  # its socket still answers
+    for p in (fresh, dead_socks[1]):
+        os.unlink(p)
 
 
 def test_umount_refused_while_a_loop_device_holds_the_disk_names_it(env):
