@@ -146,13 +146,13 @@ def format_human(st: dict[str, Any]) -> str:
     for path in v.get("removed", []):
         lines.append(f" removed: {path} is no longer a member (its data is an old copy)")
     behind = [mem["path"] for mem in st["members"]
-              if mem["state"] in ("failed", "stale", "missing")]
+              if mem["state"] in ("failed", "stale", "missing") and not mem.get("spare")]
     online = sum(mem["state"] == "online" for mem in st["members"])
     if behind and online >= v["members_expected"] and not v.get("split_brain"):
         lines.append(f"  action: the mirror has its {v['members_expected']} members in sync; "
                      f"`raid1fs remove` {', '.join(behind)} if it is gone for good, or "
                      "`raid1fs add` it back (a wider mirror)")
-    held = sum(mem["state"] != "spare" for mem in st["members"])
+    held = sum(mem["state"] != "spare" and not mem.get("spare") for mem in st["members"])
     if held < v["members_expected"]:
         lines.append(f"   empty: {v['members_expected'] - held} of the "
                      f"{v['members_expected']} slots without a member; `raid1fs add` one")

@@ -422,6 +422,10 @@ class Volume:
             self.sb.roster[slot].state = MISSING
             self.sb.roster[slot].gone_events = -1
             log.warning("member missing: %s (slot %d)", path or "?", slot)
+        present = {x.uuid for x in self.members}
+        for slot, e in enumerate(self.sb.roster):
+            if e.state == SPARE and e.uuid not in present:
+                log.warning("spare not given: %s (slot %d); it cannot take over", e.path, slot)
         # --prefer settled a split brain: this mount's counter starts above
         # every member's (the winner stays the authority), and the winner's
         # roster records each overruled member gone right after its own last
@@ -973,6 +977,10 @@ class Volume:
     # ----- operator actions -------------------------------------------------
 
     async def fail(self, path: str, reason: str = "failed by the operator") -> Member:
+        away = self._away(path)
+        if away is not None:
+            raise Raid1fsError(f"{away[1]}: not in this mount, so it gets no I/O already; "
+                               "`raid1fs remove` it to drop it from the volume")
         x = await self._find(path)
         if x.state == m.FAILED:
             raise Raid1fsError(f"{x.path}: already failed")
@@ -983,14 +991,15 @@ class Volume:
 
     def _away(self, path: str) -> tuple[int, str] | None:
         """(slot, path) of a member of the roster that is not in this mount:
-        missing, or failed earlier and not given to it (status lists both)."""
+        missing, failed earlier, or a spare, and not given to it (status
+        lists them all)."""
         p = os.path.abspath(path)
         for slot, hint in self.missing:
             if hint == p or self.sb.roster[slot].uuid == path:
                 return slot, hint
         present = {x.uuid for x in self.members}
         for slot, e in enumerate(self.sb.roster):
-            if e.state in ABSENT_STATES and e.uuid and e.uuid not in present \
+            if e.state in (*ABSENT_STATES, SPARE) and e.uuid and e.uuid not in present \
                     and (e.path == p or e.uuid == path):
                 return slot, e.path
         return None
@@ -1100,6 +1109,9 @@ class Volume:
     async def replace(self, old: str, new: str) -> dict[str, Any]:
         """Rebuild `new` online; `old` keeps serving until then, then is removed."""
         away = self._away(old)
+        if away is not None and self.sb.roster[away[0]].state == SPARE:
+            raise Raid1fsError(f"{away[1]}: is a spare (and not here), not in use; remove it "
+                               "and add the new one with --spare")
         uuid = self.sb.roster[away[0]].uuid if away is not None else ""
         if not uuid:
             x = await self._find(old)
@@ -1144,6 +1156,10 @@ class Volume:
                         self.missing[:] = [(sl, h) for sl, h in self.missing
                                            if self.sb.roster[sl].uuid != x.uuid]
                         return await self._readd(x, spare)
+                    if entry is not None and entry.state == SPARE:
+                        # A spare this mount was not given: it is added anew
+                        # (as asked), in place of its old roster entry.
+                        self.sb.drop(entry)
                 return await self._add_new(nm, spare, replaces)
             except GivenUp:
                 # A thread may still write through nm.fd: the number must not
@@ -1318,6 +1334,12 @@ class Volume:
                 members.append(self._absent(
                     slot, e.path, m.FAILED if e.state == FAILED else m.MISSING,
                     f"{e.state} earlier; not among the members given"))
+            elif e.state == SPARE and e.uuid not in present:
+                # Holds no data the volume needs (zpool: an unavailable
+                # spare leaves the pool healthy), but cannot take over.
+                members.append(dict(self._absent(
+                    slot, e.path, m.MISSING,
+                    "a spare, not among the members given: it cannot take over"), spare=True))
         members.sort(key=lambda d: d["slot"])
         return {
             "volume": {

@@ -470,6 +470,49 @@ def test_a_spare_added_to_a_degraded_volume_says_it_takes_over(env):
     assert r.stdout.strip() == f"{s2}: added as a spare (slot 3)", r.stdout
 
 
+def test_a_spare_not_given_at_mount_shows_missing_and_can_be_removed_or_added_back(env):
+    """A spare left out of `mount` is listed missing (marked a spare, with
+    why it matters: it cannot take over), but the volume is clean and
+    status exits 0 (zpool: an unavailable spare leaves the pool healthy).
+    `fail` and `replace` of it say what it is; `add --spare` brings it back
+    in its old slot, `remove` drops it from the roster for good."""
+    (a, b), mnt = env.volume(size="16M")
+    s = env.path("s.img")
+    raid1fs("add", "--spare", mnt, s)
+    raid1fs("umount", mnt)
+    for back in ("add", "remove"):
+        raid1fs("mount", a, b, mnt)
+        st = status_json(mnt)
+        e = member_entry(st, s)
+        assert e["state"] == "missing" and e["spare"] is True and e["slot"] == 2, e
+        assert "cannot take over" in e["fail_reason"]
+        assert st["volume"]["state"] == "clean"
+        r = raid1fs("status", mnt, check=False)
+        assert r.returncode == 0, r.stdout
+        assert f"{s}: a spare, not among the members given" in r.stdout, r.stdout
+        assert "action:" not in r.stdout and "empty:" not in r.stdout, r.stdout
+        r = raid1fs("fail", mnt, s, check=False)
+        assert r.returncode not in (0, 2) and f"{s}: not in this mount" in one_line(r.stderr)
+        r = raid1fs("replace", mnt, s, env.path("n.img"), check=False)
+        assert r.returncode not in (0, 2) and f"{s}: is a spare" in one_line(r.stderr)
+        assert not os.path.exists(env.path("n.img"))
+        if back == "add":
+            raid1fs("add", "--spare", mnt, s)
+            st = status_json(mnt)
+            assert [(m["slot"], m["state"]) for m in st["members"]] == \
+                [(0, "online"), (1, "online"), (2, "spare")], st["members"]
+            raid1fs("umount", mnt)
+            assert member_state(status_json(a, b, s), s) == "spare"
+        else:
+            raid1fs("remove", mnt, s)
+            st = status_json(mnt)
+            assert [m["path"] for m in st["members"]] == [str(a), str(b)], st["members"]
+            assert st["volume"]["state"] == "clean"
+            raid1fs("umount", mnt)
+            r = raid1fs("mount", a, b, s, mnt, check=False)
+            assert r.returncode not in (0, 2) and str(s) in one_line(r.stderr)
+
+
 # ----- offline rebuild -------------------------------------------------------------
 
 def test_offline_rebuild_of_a_member_that_was_missing(env):
