@@ -12,7 +12,9 @@
         at an event counter above its own (it left and was not used since)
     judge every member by the authority's roster:
         listed active  -> online (an event counter behind by an interrupted
-                          metadata update is caught up when the mount starts)
+                          metadata update is caught up when the mount starts;
+                          further behind: an older copy of the member, stale,
+                          rebuilt in full)
         listed failed or missing -> stale: it missed writes, serves no reads
         listed spare   -> spare
         listed rebuilding -> rebuilding: it resumes from its checkpoint
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 
 from raid1fs import member as m
 from raid1fs.errors import AssemblyError, BadMemberError, MetadataError, SplitBrainError
+from raid1fs.sizes import format_size
 from raid1fs.superblock import (
     ACTIVE,
     FAILED,
@@ -55,6 +58,7 @@ class Found:
     sb: Superblock
     problems: list[str] = field(default_factory=list)
     state: str = ""
+    note: str = ""  # why it is judged so, when that is not plain from the roster
 
 
 @dataclass
@@ -127,6 +131,11 @@ def read_members(paths: list[str], writable: bool = True, lock: bool = True) -> 
                 m.close_member(fd)
                 raise
             found.append(Found(p, fd, sb, problems))
+            have, need = m.device_size(fd), sb.data_offset + sb.size
+            if have < need:  # cut short since (truncated, a smaller device)
+                raise BadMemberError(
+                    f"{p}: too small for its volume: {format_size(have)}, it needs "
+                    f"{format_size(need)} ({need} bytes; was the image truncated?)")
         first = found[0]
         for f in found[1:]:
             if f.sb.volume_uuid != first.sb.volume_uuid:
@@ -206,6 +215,35 @@ def find_split_brain(found: list[Found]) -> list[tuple[Found, Found]]:
     return pairs
 
 
+def _behind_the_volume(roster: Superblock, found: list[Found]) -> Superblock:
+    """The roster, with every member it lists in use (in sync or being
+    rebuilt) whose own event counter is more than one behind recorded as
+    needing a full rebuild. Every commit reaches every member in use or
+    fails it, so a crash leaves such a member at most one commit behind;
+    one further behind is an older copy of itself (an image restored from
+    a backup or a snapshot): what it missed is not known."""
+    behind = [f for f in found if _in_use(roster, f.sb.member_uuid)
+              and f.sb.events < roster.events - 1]
+    if not behind:
+        return roster
+    roster = roster.copy()
+    for f in behind:
+        entry = roster.roster_entry(f.sb.member_uuid)
+        assert entry is not None
+        if entry.state == ACTIVE:
+            entry.state, entry.gone_events = FAILED, -1  # gone as of the next commit
+        entry.rebuild_full, entry.rebuild_pos = True, 0
+        f.note = (f"{roster.events - f.sb.events} metadata updates behind the volume "
+                  f"(events {f.sb.events}, the volume's {roster.events}): an older copy "
+                  "of this member; rebuilt in full")
+    return roster
+
+
+def _in_use(sb: Superblock, member_uuid: str) -> bool:
+    e = sb.roster_entry(member_uuid)
+    return e is not None and e.state in (ACTIVE, REBUILDING)
+
+
 def assemble(
     found: list[Found], degraded: bool = False, prefer: str | None = None, strict: bool = True
 ) -> Plan:
@@ -251,7 +289,7 @@ def assemble(
                     f"split brain: {a.path} and {b.path} were changed apart from each other "
                     "(each mounted without the other); mount with --prefer MEMBER to choose "
                     "the one that wins")
-    roster = authority.sb
+    roster = _behind_the_volume(authority.sb, found)
     for f in found:
         entry = roster.roster_entry(f.sb.member_uuid)
         if entry is None:

@@ -164,6 +164,10 @@ class Volume:
         self.readonly = readonly
         self.events = events or EventSink(self.sb.volume_uuid)
         self.members = [Member(f.path, f.fd, f.sb, io_timeout, f.state) for f in plan.members]
+        for x, f in zip(self.members, plan.members, strict=True):
+            if f.note:
+                x.fail_reason = f.note
+                log.warning("member %s: %s", x.path, f.note)
         self.missing = list(plan.missing)
         self._overruled = [f.sb.member_uuid for f in plan.overruled]
         self._meta_lock = trio.Lock()

@@ -255,6 +255,23 @@ def test_create_refuses_member_too_small(env, with_size):
     assert_unchanged(before)
 
 
+def test_a_member_cut_short_since_create_is_refused(env):
+    """A member image truncated (or a smaller device put in its place) after
+    create: mount, mount --degraded with it and offline status refuse it in
+    one line naming it and its size, and nothing is changed; without it the
+    volume mounts degraded."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    os.truncate(b, os.path.getsize(b) - MiB)
+    before = snapshot(a, b)
+    mnt = env.mkdir("mnt")
+    for r in (mount(a, b, mnt), mount("--degraded", b, mnt)):
+        assert "too small for its volume" in assert_refused(r, b)
+        assert not os.path.ismount(mnt)
+    assert_refused(raid1fs("status", a, b, check=False), b, code=3)
+    assert_unchanged(before)
+    env.mount(a, mp="mnt", opts=["--degraded"])
+
+
 # ----- corrupted metadata -----------------------------------------------------------
 
 def test_both_superblock_copies_corrupt_is_refused(env):
