@@ -48,8 +48,10 @@ def _seconds(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if v <= 0:
+    if not v > 0:  # NaN too
         raise argparse.ArgumentTypeError("must be greater than zero")
+    if v > probe.MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"at most {probe.MAX_TIMEOUT:.0f} (a day)")
     return v
 
 

@@ -20,16 +20,18 @@ import time
 from raid1fs.errors import BadMemberError
 
 DEFAULT_TIMEOUT = 30.0
+MAX_TIMEOUT = 86400.0  # a day: longer is no timeout at all, and overflows timers
 ENV_TIMEOUT = "RAID1FS_IO_TIMEOUT"
 
 
 def default_timeout() -> float:
-    """--io-timeout's default: RAID1FS_IO_TIMEOUT (seconds) or 30."""
+    """--io-timeout's default: RAID1FS_IO_TIMEOUT (seconds, at most
+    MAX_TIMEOUT) or 30."""
     try:
         t = float(os.environ.get(ENV_TIMEOUT, ""))
     except ValueError:
         return DEFAULT_TIMEOUT
-    return t if t > 0 else DEFAULT_TIMEOUT
+    return min(t, MAX_TIMEOUT) if t > 0 else DEFAULT_TIMEOUT  # NaN > 0 is False
 
 
 def _touch(path: str) -> None:

@@ -451,6 +451,29 @@ def test_data_far_into_a_member_is_found(env, via):
 
 # ----- usage errors -----------------------------------------------------------------
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e12", "soon"])
+def test_mount_io_timeout_out_of_range_is_bad_usage(env, value):
+    """--io-timeout must be a number of seconds above zero and at most a
+    day: anything else (not a number, infinite, so large that timers
+    overflow) is bad usage, exit 2, with nothing mounted or changed."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    before = snapshot(a, b)
+    mnt = env.mkdir("mnt")
+    assert_refused(mount("--io-timeout", value, a, b, mnt), "--io-timeout", code=2)
+    assert not os.path.ismount(mnt)
+    assert_unchanged(before)
+
+
+def test_io_timeout_from_the_environment_is_bounded(env):
+    """RAID1FS_IO_TIMEOUT=inf (or nan) does not break the commands that
+    take it: status still answers."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    for value in ("inf", "nan", "1e300"):
+        r = raid1fs("status", a, b, check=False,
+                    env={**os.environ, "RAID1FS_IO_TIMEOUT": value})
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (value, r.stderr)
+
+
 @pytest.mark.parametrize("args,name", [
     (["--size", SIZE], "two members"),
     (["--size", "12Q"], "12Q"),
