@@ -36,7 +36,13 @@ import stat
 from dataclasses import dataclass, field
 
 from raid1fs import member as m
-from raid1fs.errors import AssemblyError, BadMemberError, MetadataError, SplitBrainError
+from raid1fs.errors import (
+    AssemblyError,
+    BadMemberError,
+    MetadataError,
+    SplitBrainError,
+    UsageError,
+)
 from raid1fs.sizes import format_size
 from raid1fs.superblock import (
     ACTIVE,
@@ -269,7 +275,7 @@ def assemble(
         pref = os.path.abspath(prefer)
         chosen = [f for f in found if f.path == pref]
         if not chosen:
-            raise AssemblyError(f"{prefer}: --prefer names a path that is not among the members")
+            raise UsageError(f"{prefer}: --prefer names a path that is not among the members")
         authority = chosen[0]
         pairs = find_split_brain(found)
         if not any(authority in pair for pair in pairs):

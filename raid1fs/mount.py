@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -178,6 +179,36 @@ def fuse_options(req: MountRequest, name: str) -> set[str]:
     return opts
 
 
+def fuse_init(ops: DiskOperations, mountpoint: str, options: set[str]) -> None:
+    """pyfuse3.init, with what libfuse says about a refusal (it writes to
+    stderr, which a daemon has on /dev/null) in the one-line error: an
+    unknown -o option is bad usage (exit 2), anything else (no access to
+    /dev/fuse, the kernel refusing the mount) a failure that says why."""
+    said = tempfile.TemporaryFile()
+    saved = os.dup(2)
+    os.dup2(said.fileno(), 2)
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+        failed = None
+    except RuntimeError as e:
+        failed = e
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    said.seek(0)
+    lines = [ln.strip() for ln in said.read(4096).decode(errors="replace").splitlines()
+             if ln.strip()]
+    said.close()
+    for ln in lines:
+        log.info("libfuse: %s", ln)
+    if failed is None:
+        return
+    why = lines[-1].removeprefix("fuse: ") if lines else str(failed)
+    if "unknown option" in why:
+        raise UsageError(f"{mountpoint}: {why}")
+    raise Raid1fsError(f"{mountpoint}: FUSE mount failed: {why}")
+
+
 def set_readahead(mountpoint: str) -> None:
     dev = os.stat(mountpoint).st_dev
     path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
@@ -241,11 +272,7 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
             events.start(nursery)
             # The FUSE mount first: a mount option it refuses must leave the
             # members as they were (start() writes their metadata).
-            try:
-                pyfuse3.init(ops, mountpoint, fuse_options(req, plan.authority.name))
-            except RuntimeError as e:
-                raise Raid1fsError(f"{mountpoint}: FUSE mount failed ({e}); check the -o "
-                                   "options") from None
+            fuse_init(ops, mountpoint, fuse_options(req, plan.authority.name))
             try:
                 await volume.start(nursery)
             except BaseException:
@@ -273,8 +300,8 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
                     volume.let_go()
                     log.info("members clean; exiting")
                     if stopped:  # still starting: the waiting `raid1fs mount` says why it failed
-                        ready.send(f"error: {mountpoint}: stopped by {stopped[0]} before the mount "
-                                   "was usable; unmounted again")
+                        ready.send(f"error 1: {mountpoint}: stopped by {stopped[0]} before the "
+                                   "mount was usable; unmounted again")
                     await events.drain(grace=EVENT_GRACE)
                 nursery.cancel_scope.cancel()
 
@@ -400,9 +427,11 @@ def run(req: MountRequest) -> int:
         text = msg.decode(errors="replace").strip()
         if text == "ok":
             return 0
-        raise Raid1fsError(text.removeprefix("error: ") or
-                           f"{req.mountpoint}: the mount process died before the mount was usable "
-                           f"(see {logfile})")
+        code, _, why = text.removeprefix("error ").partition(": ")
+        if code == "2":
+            raise UsageError(why)
+        raise Raid1fsError(why or f"{req.mountpoint}: the mount process died before the mount "
+                           f"was usable (see {logfile})")
     # First child: new session, then fork again so the daemon is no session leader.
     os.close(r)
     os.setsid()
@@ -443,14 +472,14 @@ def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int |
         log.error("%s", e)
         if req.foreground:
             print(f"raid1fs: {e}", file=sys.stderr)
-        ready.send(f"error: {e}")
+        ready.send(f"error {e.exit_code}: {e}")
         status = e.exit_code
     except BaseException as e:  # report, never hang the parent
         log.exception("mount process failed")
         leaf: BaseException = e
         while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
             leaf = leaf.exceptions[0]
-        ready.send(f"error: {req.mountpoint}: mount process failed: "
+        ready.send(f"error 1: {req.mountpoint}: mount process failed: "
                    f"{type(leaf).__name__}: {leaf} (see {logfile})")
         status = 1
     logging.shutdown()

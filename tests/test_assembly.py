@@ -372,6 +372,11 @@ def test_prefer_without_a_split_is_refused(env):
     assert "split brain" in r.stderr
     assert [open(p, "rb").read() for p in (a, b)] == before
     assert not os.path.ismount(mnt)
+    # --prefer naming no member given is bad usage
+    c = env.path("c.img")
+    r = raid1fs("mount", "--prefer", c, a, b, mnt, check=False)
+    assert r.returncode == 2 and f"{c}: --prefer names a path" in one_line(r.stderr), r.stderr
+    assert [open(p, "rb").read() for p in (a, b)] == before
 
 
 def test_remove_narrows_by_at_most_the_slot_removed(env):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -531,14 +532,37 @@ def test_missing_member_needs_degraded(env):
 
 # ----- mount options and names ------------------------------------------------------
 
-def test_mount_option_fuse_refuses_changes_nothing(env):
-    """An -o option FUSE does not know fails the mount before any member is
+@pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
+def test_mount_option_fuse_refuses_changes_nothing(env, foreground):
+    """An -o option FUSE does not know is bad usage (exit 2) in one line
+    naming it (what libfuse said), and fails the mount before any member is
     written (their metadata would otherwise record a mount that never was)."""
     a, b = env.create("a.img", "b.img", size=SIZE)
     mnt = env.mkdir("mnt")
     before = snapshot(a, b)
-    line = assert_refused(mount("-o", "no_such_option", a, b, mnt), mnt)
-    assert "-o" in line
+    r = mount(*(["-f"] if foreground else []), "-o", "noatime,no_such_option", a, b, mnt)
+    line = assert_refused(r, mnt, code=2)  # with -f the log is on stderr too: the last line
+    assert foreground or len(r.stderr.splitlines()) == 1, r.stderr
+    assert line == f"raid1fs: {mnt}: unknown option(s): `-o no_such_option'", line
+    assert_unchanged(before)
+    assert not os.path.ismount(mnt)
+
+
+def test_fuse_mount_refused_by_the_system_says_why(env):
+    """A mount the system refuses (here /dev/fuse is not the FUSE device:
+    /dev/null bound over it in a private mount namespace) fails in one line
+    with libfuse's reason, not a guess about -o options, exit 1; the members
+    are unchanged."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    mnt = env.mkdir("mnt")
+    before = snapshot(a, b)
+    r = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mount --bind /dev/null /dev/fuse && exec "$@"', "-",
+         sys.executable, "-m", "raid1fs", "mount", a, b, mnt],
+        capture_output=True, text=True, timeout=60)
+    line = assert_refused(r, mnt)
+    assert r.returncode == 1 and "FUSE mount failed: mount failed: Invalid argument" in line, line
     assert_unchanged(before)
     assert not os.path.ismount(mnt)
 
