@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import stat
 import time
 
 from raid1fs.errors import BadMemberError
@@ -35,9 +36,13 @@ def default_timeout() -> float:
 
 
 def _touch(path: str) -> None:
-    """What reading a member's metadata does first: stat, open, read."""
+    """What reading a member's metadata does first: stat, open, read. Only
+    what a member can be is opened: opening a FIFO waits for a writer, and
+    the command refuses anything else at once anyway."""
     try:
-        os.stat(path)
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return  # the command itself reports what is wrong with it

@@ -202,6 +202,26 @@ def test_mount_refuses_nonexistent_member(env):
     assert not os.path.ismount(mnt)
 
 
+@pytest.mark.parametrize("command", ["create", "mount", "status"])
+def test_fifo_as_disk_member_is_refused_at_once(env, command):
+    """A FIFO given as a member is refused at once (not after the I/O
+    timeout, as a path that hangs), naming it; nothing changes."""
+    fifo = env.path("fifo")
+    os.mkfifo(fifo)
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    before = snapshot(a, b)
+    mnt = env.mkdir("mnt")
+    args = {"create": ["create", "--kind", "disk", "--size", SIZE, env.path("c.img"), fifo],
+            "mount": ["mount", a, fifo, mnt], "status": ["status", a, fifo]}[command]
+    r = raid1fs(*args, check=False, timeout=15)
+    if command == "mount" and r.returncode == 0:
+        raid1fs("umount", mnt, check=False)
+    line = assert_refused(r, fifo, code=3 if command == "status" else None)
+    assert "not a regular file or block device" in line, line
+    assert_unchanged(before)
+    assert not env.path("c.img").exists() and not os.path.ismount(mnt)
+
+
 @pytest.mark.parametrize("command", ["create", "mount"])
 def test_directory_as_disk_member_is_refused(env, command):
     """A directory given as a disk member is refused by create and mount,
