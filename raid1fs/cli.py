@@ -29,9 +29,9 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _size(text: str) -> int:
+def _size(text: str, rate: bool = False) -> int:
     try:
-        return parse_size(text)
+        return parse_size(text, "rate" if rate else "size", rate=rate)
     except UsageError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -40,7 +40,7 @@ def _rate(text: str) -> int:
     """A rate in bytes per second; 0 or "unlimited" lifts the limit."""
     if text.strip().lower() in ("0", "unlimited", "none"):
         return 0
-    return _size(text)
+    return _size(text, rate=True)
 
 
 def _seconds(text: str) -> float:

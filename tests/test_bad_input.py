@@ -500,10 +500,13 @@ def test_io_timeout_from_the_environment_is_bounded(env):
     (["--size", "12Q"], "12Q"),
     (["--size=-5M"], "-5M"),
     (["--size", "1000"], "1000"),
-], ids=["one-member", "bad-size", "negative-size", "unaligned-size"])
+    (["--size", "1.5"], "'1.5': not a whole number of bytes"),
+    (["--size", "64M/s"], "64M/s"),
+], ids=["one-member", "bad-size", "negative-size", "unaligned-size", "fraction-of-a-byte",
+        "a-rate"])
 def test_create_usage_errors_exit_2(env, args, name):
-    """create with one member, or a --size that is unparsable, negative or not
-    a multiple of 4 KiB, is bad usage: exit 2,
+    """create with one member, or a --size that is unparsable, negative, not
+    a multiple of 4 KiB, not whole bytes or a rate, is bad usage: exit 2,
     no traceback, and no image file is created."""
     a, b = env.path("a.img"), env.path("b.img")
     members = [a] if name == "two members" else [a, b]
