@@ -299,10 +299,17 @@ def assemble(
     for f in found:
         entry = roster.roster_entry(f.sb.member_uuid)
         if entry is None:
+            # Not removed (that was checked first): named by no roster, so
+            # an `add` stopped before the commit that names it (or a removal
+            # too long ago to be remembered).
             if strict:
-                raise AssemblyError(f"{f.path}: no longer a member of volume {roster.volume_uuid} "
-                                    "(it was removed)")
+                raise AssemblyError(
+                    f"{f.path}: not a member of volume {roster.name or roster.volume_uuid}: "
+                    "its metadata names the volume but the volume's does not name it (an "
+                    "`add` of it that did not finish?); `raid1fs add` it to use it")
             f.state = m.FAILED
+            f.note = ("not named by the volume's metadata (an `add` of it that did not "
+                      "finish?); `raid1fs add` it to use it")
         elif entry.state == ACTIVE:
             f.state = m.ONLINE
         elif entry.state in (FAILED, MISSING):

@@ -262,6 +262,9 @@ def read_superblock(fd: int, name: str, base: int = 0) -> tuple[Superblock, list
     for i in range(SB_COPIES):
         try:
             block = os.pread(fd, SB_SIZE, base + i * SB_SIZE)
+            if not block:  # an empty image, say: nothing was ever written here
+                problems.append(f"copy {i}: no signature (the member ends before it)")
+                continue
             sb = Superblock.decode(block)
         except OSError as e:
             problems.append(f"copy {i}: {e.strerror}")

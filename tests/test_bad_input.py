@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MiB, faultfs, member_state, raid1fs, sha256, status_json
+from conftest import MiB, faultfs, member_entry, member_state, raid1fs, sha256, status_json
 
 SIZE = "16M"
 
@@ -291,6 +291,40 @@ def test_a_member_cut_short_since_create_is_refused(env):
     assert_refused(raid1fs("status", a, b, check=False), b, code=3)
     assert_unchanged(before)
     env.mount(a, mp="mnt", opts=["--degraded"])
+
+
+def test_a_member_whose_add_did_not_finish_is_named_so(env):
+    """c got its superblock from an `add` that was killed before the commit
+    naming it landed (made here the way add does it): mount refuses it
+    saying so (not "removed"), status lists it failed with the same
+    explanation, nothing is changed, and `add` takes it. An empty image
+    (killed even earlier) is "not a raid1fs member"."""
+    from raid1fs.create import init_member
+    from raid1fs.superblock import Superblock, read_superblock
+
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    c = blank_image(env, "c.img", os.path.getsize(a))
+    with open(a, "rb") as f:
+        sb, _ = read_superblock(f.fileno(), str(a))
+    sb.member_uuid, sb.slot = Superblock.new_uuid(), 2
+    with open(c, "r+b") as f:
+        init_member(f.fileno(), sb)
+    before = snapshot(a, b, c)
+    mnt = env.mkdir("mnt")
+    line = assert_refused(mount(a, b, c, mnt), c)
+    assert "an `add` of it that did not finish?" in line and "removed" not in line, line
+    st = status_json(a, b, c)
+    e = member_entry(st, c)
+    assert e["state"] == "failed" and "did not finish" in e["fail_reason"], e
+    assert_unchanged(before)
+    empty = env.path("empty.img")
+    empty.touch()
+    line = assert_refused(raid1fs("status", a, b, empty, check=False), empty, code=3)
+    assert "not a raid1fs member" in line, line
+    mnt = env.mount(a, b)
+    raid1fs("add", mnt, c)
+    raid1fs("rebuild", "--wait", mnt)
+    assert member_state(status_json(mnt), c) == "online"
 
 
 # ----- corrupted metadata -----------------------------------------------------------
