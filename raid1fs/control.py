@@ -227,7 +227,10 @@ def request(mountpoint: str, cmd: str, timeout: float = 120.0, **args: Any) -> A
         finally:
             s.close()
         if not buf:
-            raise ControlError(f"{mountpoint}: the mount closed the control channel")
+            # The process ended (or dropped us) between request and answer.
+            raise ControlError(f"{mountpoint}: the mount process ended before answering "
+                               f"(killed?), so whether the {cmd} happened is not known; "
+                               "`raid1fs status` of the members tells")
         reply = json.loads(buf.split(b"\n", 1)[0])
         if reply.get("ok"):
             return reply.get("result")

@@ -43,10 +43,12 @@ from conftest import (
     MiB,
     data_region_hash,
     drop_cache,
+    faultfs,
     is_dead_fuse,
     loop_backing,
     member_entry,
     mounts_at,
+    one_line,
     process_gone,
     raid1fs,
     run,
@@ -704,6 +706,30 @@ def test_after_kill9_offline_status_and_umount_tell_the_truth(env):
     assert [c["copied_bytes"] for c in copied if c] == [64 * MiB], copied
     raid1fs("umount", mnt)
     assert status_json(*members)["volume"]["state"] == "clean"
+
+
+def test_a_command_whose_mount_is_killed_mid_way_says_so(env):
+    """`add` waiting on a slow new member when the mount gets kill -9: the
+    command fails in one line saying the mount ended before answering and
+    that whether the add happened is not known (status tells)."""
+    src, ffs = env.faultfs()
+    a, b = env.create("a.img", "b.img", size="16M")
+    mnt = env.mount(a, b)
+    faultfs("set", ffs, "delay", "--delay", "1")
+    try:
+        add = subprocess.Popen([sys.executable, "-m", "raid1fs", "add", str(mnt),
+                                str(ffs / "c.img")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)  # the add is writing c's superblock, a second per call
+        kill_daemon(mnt)
+        _, err = add.communicate(timeout=60)
+    finally:
+        faultfs("set", ffs, "ok")
+    assert add.returncode not in (0, 2), err
+    line = one_line(err)
+    assert f"{mnt}: the mount process ended before answering (killed?)" in line, line
+    assert "whether the add happened is not known" in line, line
+    raid1fs("umount", mnt, check=False)
 
 
 def test_write_into_a_group_being_marked_waits_for_the_mark(tmp_path, monkeypatch):
