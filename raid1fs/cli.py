@@ -319,7 +319,17 @@ def cmd_remove(a: argparse.Namespace) -> int:
     print(f"{r['path']}: removed"
           + (f"; the volume is now a {r['members_expected']}-way mirror"
              if r.get("narrowed") else ""))
+    if r.get("told") is False:
+        _not_told(r["path"])
     return 0
+
+
+def _not_told(path: str) -> None:
+    """A member that left without its own metadata saying so."""
+    print(f"note: {path} could not be told (it is not in this mount, or did not answer): "
+          "its own metadata still calls it a member. Mounted with the others it is refused; "
+          "mounted alone (--degraded) it would come up as an old copy of the volume. Reuse it "
+          "with `raid1fs create --force` or `raid1fs add`")
 
 
 def _member_arg(text: str) -> str:
@@ -341,6 +351,8 @@ def cmd_replace(a: argparse.Namespace) -> int:
     _print_join(r)
     print(f"{a.old}: removed from the volume once {r['path']} is in sync "
           "(until then it serves as before, if it can)")
+    if r.get("old_told") is False:
+        _not_told(a.old)
     return 0
 
 

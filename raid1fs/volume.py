@@ -1027,9 +1027,9 @@ class Volume:
     async def _remove(self, path: str) -> dict[str, Any]:
         before = self.sb.members_expected
 
-        def outcome(p: str) -> dict[str, Any]:
+        def outcome(p: str, told: bool) -> dict[str, Any]:
             n = self.sb.members_expected
-            return {"path": p, "members_expected": n, "narrowed": n < before}
+            return {"path": p, "members_expected": n, "narrowed": n < before, "told": told}
 
         away = self._away(path)
         if away is not None:
@@ -1041,7 +1041,7 @@ class Volume:
             await self._commit(drop_away)
             self.missing[:] = [(s, h) for s, h in self.missing if s != slot]
             await self._maybe_clear_missed()
-            return outcome(hint)
+            return outcome(hint, False)
         x = await self._find(path)
         if x.state in (m.ONLINE, m.REBUILDING):
             raise Raid1fsError(f"{x.path}: is {x.state}; fail it before removing it")
@@ -1053,11 +1053,11 @@ class Volume:
             self._narrow(sb)
         await self._commit(drop_member)
         self.members.remove(x)
-        await self._disown(x)
+        told = await self._disown(x)
         self._release(x)
         log.warning("member %s removed", x.path)
         await self._maybe_clear_missed()
-        return outcome(x.path)
+        return outcome(x.path, told)
 
     def _narrow(self, sb: Superblock) -> None:
         """After a removal: expect no more members than the roster still
@@ -1070,23 +1070,24 @@ class Volume:
                    if e.state == REBUILDING and e.replaces in named}
         sb.members_expected = max(2, min(sb.members_expected, len(named) - len(leaving)))
 
-    async def _disown(self, x: Member) -> None:
+    async def _disown(self, x: Member) -> bool:
         """Tell a member that just left the volume so, if it still answers:
         its own metadata then names it removed, and it is refused by mount
         (even alone, --degraded) and shown as removed by status, instead of
         passing for a degraded copy of the volume. Best effort: a dead or
         hung member (I/O in flight) keeps what it had; the others' metadata
-        names it removed anyway."""
+        names it removed anyway. Returns whether it was told."""
         if self.readonly or x.workers.busy:
-            return
+            return False
         sb = self._sb_for(x)
         sb.clean = True  # no mount uses it
         try:
             await x._run("metadata write", write_superblock, x.fd, sb)
         except MemberIOError as e:
             log.warning("member %s removed, but its metadata could not say so: %s", x.path, e)
-        else:
-            x.sb = sb
+            return False
+        x.sb = sb
+        return True
 
     def _release(self, x: Member) -> None:
         """Let go of a member that left the volume, so that it can be added
@@ -1127,7 +1128,9 @@ class Volume:
             uuid = x.uuid
         if any(y.rebuild is not None and y.rebuild.replaces == uuid for y in self.members):
             raise Raid1fsError(f"{old}: already being replaced")
-        return await self._join(new, replaces=uuid)
+        # OLD not in this mount cannot be told, in its own metadata, that it
+        # left (what a member in the mount is told when the replace ends).
+        return {**await self._join(new, replaces=uuid), "old_told": away is None}
 
     async def _join(self, path: str, spare: bool = False, replaces: str = "") -> dict[str, Any]:
         if self.readonly:

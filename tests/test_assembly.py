@@ -290,13 +290,22 @@ def test_removed_member_is_refused_and_shown_removed(env):
 
 
 def test_member_removed_while_absent_is_refused_not_split(env):
-    """A member removed while it was absent cannot be told; mounted alone
-    and written since, it is still recognised, by the others' metadata, as
-    removed: refused as such, not as half of a split brain."""
+    """A member removed while it was absent cannot be told, and `remove`
+    says so (a member removed from the mount is told, and nothing is said);
+    mounted alone and written since, it is still recognised, by the
+    others' metadata, as removed: refused as such, not as half of a split
+    brain."""
     a, b, c = env.create("a.img", "b.img", "c.img", size="16M")
     mnt = _mountpoint(env)
     raid1fs("mount", "--degraded", a, b, mnt)
-    raid1fs("remove", mnt, c)
+    r = raid1fs("remove", mnt, c)
+    assert f"note: {c} could not be told" in r.stdout and "old copy" in r.stdout, r.stdout
+    d = env.path("d.img")
+    raid1fs("add", mnt, d)
+    raid1fs("rebuild", "--wait", mnt)
+    raid1fs("fail", mnt, d)
+    r = raid1fs("remove", mnt, d)
+    assert r.stdout.startswith(f"{d}: removed") and "note:" not in r.stdout, r.stdout
     raid1fs("umount", mnt)
     raid1fs("mount", "--degraded", c, mnt)  # c cannot know
     _write(mnt, b"C" * MiB)
@@ -304,6 +313,24 @@ def test_member_removed_while_absent_is_refused_not_split(env):
     r = raid1fs("mount", a, b, c, mnt, check=False)
     assert r.returncode != 0 and "split brain" not in r.stderr, r.stderr
     assert str(c) in r.stderr and "removed" in r.stderr, r.stderr
+
+
+def test_replace_of_a_member_not_in_the_mount_says_it_cannot_be_told(env):
+    """replace OLD NEW with OLD missing from the mount: NEW is rebuilt and
+    OLD dropped, and the command says OLD's own metadata will not know."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    mnt = _mountpoint(env)
+    raid1fs("mount", "--degraded", a, mnt)
+    c = env.path("c.img")
+    r = raid1fs("replace", mnt, b, c)
+    assert f"note: {b} could not be told" in r.stdout, r.stdout
+    raid1fs("rebuild", "--wait", mnt)
+    st = status_json(mnt)
+    assert [m["path"] for m in st["members"]] == [str(a), str(c)], st["members"]
+    r = raid1fs("replace", mnt, c, env.path("d.img"))
+    assert "note:" not in r.stdout, r.stdout
+    raid1fs("rebuild", "--wait", mnt)
+    raid1fs("umount", mnt)
 
 
 def test_remove_narrows_the_mirror_down_to_two_ways(env):
