@@ -83,11 +83,12 @@ async def _range_lock_scenario(order: list[str]) -> None:
 @pytest.mark.parametrize("text,value", [("4096", 4096), ("8G", 8 << 30), ("1.5M", 3 << 19),
                                         ("512k", 512 << 10), ("100M/s", 100 << 20)])
 def test_parse_size(text, value):
-    assert parse_size(text) == value
+    assert parse_size(text, rate=text.endswith("/s")) == value
 
 
-@pytest.mark.parametrize("text", ["", "12Q", "-1", "0", "G"])
+@pytest.mark.parametrize("text", ["", "12Q", "-1", "0", "G", "1.5", "0.3K", "100M/s"])
 def test_parse_size_rejects(text):
+    """Malformed, not positive, not whole bytes, and a rate where a size is asked."""
     with pytest.raises(UsageError):
         parse_size(text)
 
