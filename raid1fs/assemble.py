@@ -91,14 +91,9 @@ def identity(path: str) -> tuple[object, ...]:
     a loop device, the inode of the file it serves)."""
     st = os.stat(path)
     if stat.S_ISBLK(st.st_mode):
-        if os.major(st.st_rdev) == m.LOOP_MAJOR:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                backing = m.loop_backing_file(fd)
-            finally:
-                os.close(fd)
-            if backing is not None:
-                return identity(backing)
+        backing = m.backing_file_of(path)
+        if backing is not None:
+            return identity(backing)
         return ("dev", st.st_rdev)
     return ("ino", st.st_dev, st.st_ino)
 

@@ -56,6 +56,22 @@ def loop_backing_file(fd: int) -> str | None:
     return found[0] if found is not None else None
 
 
+def backing_file_of(path: str) -> str | None:
+    """The file the loop device at `path` serves; None for anything else
+    (or a loop device that cannot be opened)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != LOOP_MAJOR:
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return loop_backing_file(fd)
+    finally:
+        os.close(fd)
+
+
 def loop_backing(fd: int) -> tuple[str, int] | None:
     """(the file a loop device serves, where in it the device starts), when
     fd is a loop device and the file still has that name; else None."""

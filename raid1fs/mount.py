@@ -33,6 +33,7 @@ import pyfuse3
 import trio
 
 from raid1fs import control, probe
+from raid1fs import member as m
 from raid1fs.assemble import Plan, assemble, close_all, read_members
 from raid1fs.errors import BadMemberError, Raid1fsError, UsageError
 from raid1fs.events import EventSink
@@ -118,6 +119,10 @@ def check_mountpoint(req: MountRequest) -> str:
             raise BadMemberError(f"{req.mountpoint}: the mount point is a member")
         if rp.startswith(real.rstrip("/") + "/"):
             raise BadMemberError(f"{p}: member lies under the mount point {req.mountpoint}")
+        backing = m.backing_file_of(rp)  # a loop device: where its data lies
+        if backing is not None and os.path.realpath(backing).startswith(real.rstrip("/") + "/"):
+            raise BadMemberError(f"{p}: loop device over {backing}, which lies under the "
+                                 f"mount point {req.mountpoint}")
     if not os.path.isdir(mp):
         raise BadMemberError(f"{req.mountpoint}: mount point is not a directory (the mount "
                              "point comes last, after the members)")

@@ -375,12 +375,13 @@ def test_one_superblock_copy_corrupt_still_mounts(env, copy):
 
 # ----- the mount point --------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["is-member", "member-inside", "does-not-exist",
-                                  "not-a-directory", "already-mounted"])
+@pytest.mark.parametrize("case", ["is-member", "member-inside", "loop-over-member-inside",
+                                  "does-not-exist", "not-a-directory", "already-mounted"])
 def test_bad_mount_point_is_refused(env, case):
-    """A mount point that is a member, that holds a member, that does not
-    exist, that is a file, or where something is already mounted: refused,
-    naming the path at fault; no member changes."""
+    """A mount point that is a member, that holds a member (or the file a
+    loop device member serves), that does not exist, that is a file, or
+    where something is already mounted: refused, naming the path at fault;
+    no member changes."""
     sub = env.mkdir("sub")
     a, b = env.create(sub / "a.img", "b.img", size=SIZE)
     others: list[Path] = []
@@ -388,6 +389,14 @@ def test_bad_mount_point_is_refused(env, case):
         mp, fault = a, a
     elif case == "member-inside":
         mp, fault = sub, a
+    elif case == "loop-over-member-inside":
+        loop = env.losetup(a)
+        mp, fault = sub, loop
+        before = snapshot(a, b)
+        line = assert_refused(mount(loop, b, mp), fault)
+        assert f"loop device over {a}" in line, line
+        assert_unchanged(before)
+        return
     elif case == "does-not-exist":
         mp = fault = env.path("nomnt")
     elif case == "not-a-directory":
