@@ -39,7 +39,9 @@ def run(paths: list[str], max_rate: int | None) -> int:
     except BaseException:
         close_all(found)
         raise
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="raid1fs: %(message)s",
+    # What the engine logs as it goes (a mount's log) is printed here as the
+    # outcome, failures included: stderr only for errors.
+    logging.basicConfig(stream=sys.stderr, level=logging.ERROR, format="raid1fs: %(message)s",
                         force=True)
     try:
         return trio.run(_rebuild, plan, max_rate)
