@@ -5,7 +5,8 @@ RAID1FS_MEMBER (where a member is concerned) and RAID1FS_MOUNTPOINT in its
 environment, in the directory `mount` ran in. Commands run in the background
 (a slow handler never stalls I/O), one at a time, in the order of the events;
 one still running after COMMAND_TIMEOUT is stopped, and at unmount what is
-queued gets a few seconds to be delivered.
+queued gets a few seconds to be delivered. A command runs in a session of its
+own, and stopping it stops everything it started (SIGTERM, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 
 import trio
 
@@ -25,6 +27,19 @@ EVENTS = (
 
 
 COMMAND_TIMEOUT = 60  # seconds an --on-event command may run; later events wait for it
+STOP_GRACE = 2  # seconds from SIGTERM to SIGKILL for a command being stopped
+
+
+async def _stop_all_of(proc: trio.Process) -> None:
+    """Stop a command and whatever it started (its session's process group),
+    not only the shell: a `sleep` in a hook would outlive the mount."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        with trio.move_on_after(STOP_GRACE):
+            await proc.wait()
 
 
 class EventSink:
@@ -83,7 +98,8 @@ class EventSink:
             with trio.move_on_after(COMMAND_TIMEOUT):
                 result = await trio.run_process(
                     command, shell=True, env=env,  # type: ignore[arg-type]
-                    check=False, cwd=cwd, stdin=b"", capture_stdout=False)
+                    check=False, cwd=cwd, stdin=b"", capture_stdout=False,
+                    start_new_session=True, deliver_cancel=_stop_all_of)
             if result is None:
                 log.warning("on-event command still running after %d s for %s: stopped, so "
                             "that later events get through", COMMAND_TIMEOUT,

@@ -341,6 +341,26 @@ def test_on_event_runs_the_command(env):
     assert failed.split("|")[1:] == [uuid, str(mnt)]
 
 
+def test_a_hook_still_running_at_umount_is_stopped_with_all_it_started(env):
+    """An --on-event command that does not end (it started a long `sleep`)
+    is stopped when the mount ends, with what it started: nothing of it
+    outlives the mount process. The members end clean."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    pids = env.path("hook.pids")
+    mnt = env.mount(a, b, opts=["--on-event", f"sleep 300 & echo $! >> {pids}; wait"])
+    pid = status_json(mnt)["daemon"]["pid"]
+    raid1fs("fail", mnt, a)
+    wait_for(lambda: pids.exists() and pids.read_text().strip(), timeout=10,
+             what="the hook to start its sleep")
+    raid1fs("umount", mnt, timeout=60)  # queued events get a few seconds, then it is stopped
+    wait_for(lambda: process_gone(pid), timeout=30, what="the mount process to end")
+    sleeps = [int(x) for x in pids.read_text().split()]
+    wait_for(lambda: all(process_gone(p) for p in sleeps), timeout=10,
+             what=f"the hook's sleep {sleeps} to be stopped")
+    assert raid1fs("status", b, a, check=False).returncode == 1  # a failed: clean, degraded
+    assert status_json(a, b)["volume"]["clean_shutdown"] is True
+
+
 # ----- mount options ----------------------------------------------------------------
 
 def test_readonly_mount(env):
