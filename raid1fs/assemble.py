@@ -13,8 +13,8 @@
     judge every member by the authority's roster:
         listed active  -> online (an event counter behind by an interrupted
                           metadata update is caught up when the mount starts;
-                          further behind: an older copy of the member, stale,
-                          rebuilt in full)
+                          further behind, or behind a clean authority: an
+                          older copy of the member, stale, rebuilt in full)
         listed failed or missing -> stale: it missed writes, serves no reads
         listed spare   -> spare
         listed rebuilding -> rebuilding: it resumes from its checkpoint
@@ -217,32 +217,40 @@ def find_split_brain(found: list[Found]) -> list[tuple[Found, Found]]:
 
 
 def _behind_the_volume(roster: Superblock, found: list[Found]) -> Superblock:
-    """The roster, with every member it lists in use (in sync or being
-    rebuilt) whose own event counter is more than one behind recorded as
-    needing a full rebuild. Every commit reaches every member in use or
-    fails it, so a crash leaves such a member at most one commit behind;
-    one further behind is an older copy of itself (an image restored from
-    a backup or a snapshot): what it missed is not known."""
-    behind = [f for f in found if _in_use(roster, f.sb.member_uuid)
-              and f.sb.events < roster.events - 1]
+    """The roster, with every member it lists in sync whose own event
+    counter says it is an older copy of itself (an image restored from a
+    backup or a snapshot) recorded as failed, to be rebuilt in full: what
+    it missed is not known.
+
+    Every commit is written to all in-sync members at once, and one whose
+    write fails is recorded failed (a commit that reaches none of them
+    takes back its number), so a crash leaves an in-sync member at most one
+    commit behind, and none behind once a clean unmount's commit is there.
+    Further behind, or behind a clean authority, is an older copy. (A
+    crash inside the very commit of an unmount can leave a member whose
+    data is whole one behind a clean authority: it is rebuilt needlessly;
+    safe.) Members being rebuilt are left alone: they get each commit after
+    the in-sync ones, so a crash can leave them further behind, and their
+    rebuild goes on from its own checkpoint. A copy taken since the last
+    metadata change (while mounted, say) cannot be told from the member by
+    its counter."""
+    def older(f: Found) -> bool:
+        return _active_in(roster, f.sb.member_uuid) and (
+            f.sb.events < roster.events - 1 or (roster.clean and f.sb.events < roster.events))
+    behind = [f for f in found if older(f)]
     if not behind:
         return roster
     roster = roster.copy()
     for f in behind:
         entry = roster.roster_entry(f.sb.member_uuid)
         assert entry is not None
-        if entry.state == ACTIVE:
-            entry.state, entry.gone_events = FAILED, -1  # gone as of the next commit
-        entry.rebuild_full, entry.rebuild_pos = True, 0
-        f.note = (f"{roster.events - f.sb.events} metadata updates behind the volume "
-                  f"(events {f.sb.events}, the volume's {roster.events}): an older copy "
-                  "of this member; rebuilt in full")
+        entry.state, entry.gone_events = FAILED, -1  # gone as of the next commit
+        entry.rebuild_full = True
+        f.note = (f"{roster.events - f.sb.events} metadata update(s) behind the volume "
+                  f"(events {f.sb.events}, the volume's {roster.events}"
+                  + (", last unmounted cleanly" if roster.clean else "")
+                  + "): an older copy of this member; rebuilt in full")
     return roster
-
-
-def _in_use(sb: Superblock, member_uuid: str) -> bool:
-    e = sb.roster_entry(member_uuid)
-    return e is not None and e.state in (ACTIVE, REBUILDING)
 
 
 def assemble(

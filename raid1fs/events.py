@@ -32,14 +32,24 @@ STOP_GRACE = 2  # seconds from SIGTERM to SIGKILL for a command being stopped
 
 async def _stop_all_of(proc: trio.Process) -> None:
     """Stop a command and whatever it started (its session's process group),
-    not only the shell: a `sleep` in a hook would outlive the mount."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        with trio.move_on_after(STOP_GRACE):
-            await proc.wait()
+    not only the shell: a `sleep` in a hook would outlive the mount. SIGTERM
+    first; SIGKILL to whatever of the group is left STOP_GRACE later."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    with trio.move_on_after(STOP_GRACE):
+        await proc.wait()
+        while True:  # the shell is gone; what it started may still be ending
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            await trio.sleep(0.05)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 class EventSink:

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -380,17 +381,18 @@ def log_path(mountpoint: str) -> str:
 
 
 LOG_KEEP_DAYS = 30
-# A socket a killed mount left behind: once its mount point is no longer
-# mounted it serves nobody. The age keeps prune off the socket of a mount
-# that came up after prune listed the mounts (its socket is seconds old).
+# A socket a killed mount left behind: nobody listens on it. Only one that
+# refuses a connection is removed (a mount in another mount namespace is
+# not in our mount table but still listens), and only once it is an hour
+# old (never the socket of a mount that is just starting).
 STALE_SOCKET_S = 3600
 
 
 def prune_run_dir(directory: str, now: float | None = None) -> None:
     """Remove the logs and exit reports of mount points not mounted now and
     untouched for LOG_KEEP_DAYS (one log per mount point ever used would
-    otherwise pile up until reboot), and their sockets a killed mount left
-    behind, once STALE_SOCKET_S old. Best effort."""
+    otherwise pile up until reboot), and the sockets a killed mount left
+    behind (nobody listens), once STALE_SOCKET_S old. Best effort."""
     now = time.time() if now is None else now
     live = {control.mount_key(mp, resolved=True) for mp, fstype, _ in control.mounts()
             if fstype == "fuse.raid1fs"}
@@ -405,10 +407,23 @@ def prune_run_dir(directory: str, now: float | None = None) -> None:
             continue
         path = os.path.join(directory, name)
         try:
-            if now - os.lstat(path).st_mtime > keep_s:
+            if now - os.lstat(path).st_mtime > keep_s and (ext != "sock" or _deaf(path)):
                 os.unlink(path)
         except OSError:
             pass
+
+
+def _deaf(sock_path: str) -> bool:
+    """Does nobody listen on this unix socket?"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(sock_path)
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
 
 
 def run(req: MountRequest) -> int:

@@ -165,9 +165,7 @@ class Volume:
         self.events = events or EventSink(self.sb.volume_uuid)
         self.members = [Member(f.path, f.fd, f.sb, io_timeout, f.state) for f in plan.members]
         for x, f in zip(self.members, plan.members, strict=True):
-            if f.note:
-                x.fail_reason = f.note
-                log.warning("member %s: %s", x.path, f.note)
+            x.fail_reason = f.note
         self.missing = list(plan.missing)
         self._overruled = [f.sb.member_uuid for f in plan.overruled]
         self._meta_lock = trio.Lock()
@@ -339,6 +337,10 @@ class Volume:
                 if len(errors) == len(first):
                     for x in errors:
                         x.stats.note_error()
+                    # Written nowhere: the number is taken back, so the
+                    # members in sync stay at most one commit apart (the
+                    # rule assembly tells an older copy of a member by).
+                    self.sb.events -= 1
                     raise VolumeIOError(
                         "metadata write failed on every in-sync member: "
                         + "; ".join(str(e) for e in errors.values()))
@@ -422,6 +424,9 @@ class Volume:
         in `nursery`; without one (tests of the engine) they do not run.
         """
         self._nursery = nursery
+        for x in self.members:
+            if x.fail_reason:  # judged at assembly: why it is not in sync
+                log.warning("member %s: %s", x.path, x.fail_reason)
         for slot, path in self.missing:
             self.sb.roster[slot].state = MISSING
             self.sb.roster[slot].gone_events = -1
@@ -981,11 +986,14 @@ class Volume:
     # ----- operator actions -------------------------------------------------
 
     async def fail(self, path: str, reason: str = "failed by the operator") -> Member:
-        away = self._away(path)
-        if away is not None:
+        try:
+            x = await self._find(path)
+        except Raid1fsError:
+            away = self._away(path)  # a slot of the roster whose member is not here
+            if away is None:
+                raise
             raise Raid1fsError(f"{away[1]}: not in this mount, so it gets no I/O already; "
-                               "`raid1fs remove` it to drop it from the volume")
-        x = await self._find(path)
+                               "`raid1fs remove` it to drop it from the volume") from None
         if x.state == m.FAILED:
             raise Raid1fsError(f"{x.path}: already failed")
         if x.state == m.ONLINE and len(self.online()) == 1:
@@ -1034,6 +1042,8 @@ class Volume:
         away = self._away(path)
         if away is not None:
             slot, hint = away
+            # A spare's own metadata holds no volume data to be mistaken for it.
+            spare = self.sb.roster[slot].state == SPARE
 
             def drop_away(sb: Superblock) -> None:
                 sb.drop(sb.roster[slot])
@@ -1041,7 +1051,7 @@ class Volume:
             await self._commit(drop_away)
             self.missing[:] = [(s, h) for s, h in self.missing if s != slot]
             await self._maybe_clear_missed()
-            return outcome(hint, False)
+            return outcome(hint, spare)
         x = await self._find(path)
         if x.state in (m.ONLINE, m.REBUILDING):
             raise Raid1fsError(f"{x.path}: is {x.state}; fail it before removing it")
@@ -1154,19 +1164,20 @@ class Volume:
                 path, create.open_new_member, p, self.sb.data_offset + self.size,
                 self.sb.volume_uuid, undo=_drop_new)
             try:
-                if nm.old_sb is not None and not replaces:
-                    entry = self.sb.roster_entry(nm.old_sb.member_uuid)
-                    if entry is not None and entry.state in (*ABSENT_STATES, REBUILDING):
+                entry = self.sb.roster_entry(nm.old_sb.member_uuid) if nm.old_sb else None
+                if entry is not None and entry.state == SPARE:
+                    # A spare this mount was not given: it joins anew (as
+                    # asked: a spare, a member, a replacement), its old
+                    # roster entry dropped in the same commit.
+                    self.sb.drop(entry)
+                elif entry is not None and nm.old_sb is not None and not replaces:
+                    if entry.state in (*ABSENT_STATES, REBUILDING):
                         # A member that was missing is back: re-add it.
                         x = Member(p, nm.fd, nm.old_sb, self.io_timeout, m.STALE)
                         self.members.append(x)
                         self.missing[:] = [(sl, h) for sl, h in self.missing
                                            if self.sb.roster[sl].uuid != x.uuid]
                         return await self._readd(x, spare)
-                    if entry is not None and entry.state == SPARE:
-                        # A spare this mount was not given: it is added anew
-                        # (as asked), in place of its old roster entry.
-                        self.sb.drop(entry)
                 return await self._add_new(nm, spare, replaces)
             except GivenUp:
                 # A thread may still write through nm.fd: the number must not

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from conftest import (
     MiB,
     _unmount_raid1fs,
@@ -98,40 +99,44 @@ def test_member_absent_from_degraded_mount_is_resynced(env):
     assert data_region_hash(a) == data_region_hash(b)
 
 
-def test_an_older_copy_of_a_member_put_back_is_stale_and_rebuilt_in_full(env):
-    """b's image restored from a copy taken several mounts ago: its roster
-    calls everyone in sync, but its event counter is far behind a's. It is
-    stale (offline status says why, exit 1), serves no reads, and the mount
-    rebuilds it in full; the members end identical. (A member one commit
-    behind, what a crash mid-commit leaves, stays in sync: the kill -9
-    drills cover that.)"""
+@pytest.mark.parametrize("taken", ["mounts-ago", "while-mounted"])
+def test_an_older_copy_of_a_member_put_back_is_stale_and_rebuilt_in_full(env, taken):
+    """a's image (slot 0, which wins read ties) restored from a copy taken
+    several mounts ago, or taken while mounted and put back after the clean
+    unmount: its roster calls everyone in sync, but its event counter is
+    behind b's (far behind; or one behind a clean b). It is stale (offline
+    status says why, exit 1), serves no reads (they would be "A"s), and the
+    mount rebuilds it in full; the members end identical."""
     a, b = env.create("a.img", "b.img", size="16M")
     mnt = _mountpoint(env)
     raid1fs("mount", a, b, mnt)
     _write(mnt, b"A" * (16 * MiB))
-    raid1fs("umount", mnt)
-    old_b = b.read_bytes()
-    for _ in range(2):
-        raid1fs("mount", a, b, mnt)
+    if taken == "mounts-ago":
         raid1fs("umount", mnt)
-    raid1fs("mount", a, b, mnt)
+        old_a = a.read_bytes()
+        for _ in range(2):
+            raid1fs("mount", a, b, mnt)
+            raid1fs("umount", mnt)
+        raid1fs("mount", a, b, mnt)
+    else:
+        old_a = a.read_bytes()  # the written data is in a's page cache: the copy has it
     _write(mnt, b"N" * MiB, 3 * MiB)
     raid1fs("umount", mnt)
-    b.write_bytes(old_b)  # behind raid1fs's back
+    a.write_bytes(old_a)  # behind raid1fs's back
 
     r = raid1fs("status", a, b, check=False)
     assert r.returncode == 1 and "older copy of this member" in r.stdout, r.stdout
+    assert r.stderr == "", r.stderr
     st = status_json(a, b)
-    assert member_state(st, b) == "stale" and st["volume"]["state"] == "degraded", st
-    # Slow, so the read comes while b still lacks that region; b (slot 1)
-    # would answer with "A"s.
+    assert member_state(st, a) == "stale" and st["volume"]["state"] == "degraded", st
+    # Slow, so the reads come while a still lacks that region.
     raid1fs("mount", "--max-rebuild-rate", "1M", a, b, mnt)
-    e = member_entry(status_json(mnt), b)
+    e = member_entry(status_json(mnt), a)
     assert e["state"] == "rebuilding" and e["rebuild"]["total_bytes"] == 16 * MiB, e
     for _ in range(4):
         assert _read(mnt, MiB, 3 * MiB) == b"N" * MiB
     raid1fs("rebuild", "--wait", "--max-rate", "0", mnt)
-    assert member_state(status_json(mnt), b) == "online"
+    assert member_state(status_json(mnt), a) == "online"
     raid1fs("umount", mnt)
     assert data_region_hash(a) == data_region_hash(b)
     assert raid1fs("status", a, b, check=False).returncode == 0

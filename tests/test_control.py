@@ -631,8 +631,8 @@ def test_resync_after_a_crash_is_not_reported_degraded(env):
 def test_mount_prunes_old_logs_of_mount_points_not_in_use(env):
     """Each mount point ever used leaves a log in the run directory; mount
     removes those (and unread exit reports) untouched for 30 days, and the
-    sockets a killed mount left behind once an hour old, unless that mount
-    point is mounted now."""
+    sockets a killed mount left behind (nobody listens) once an hour old,
+    unless that mount point is mounted now."""
     run_dir = os.environ["RAID1FS_RUN_DIR"]
     old = time.time() - 40 * 86400
     (a, b), mnt = env.volume(size="16M")
@@ -646,8 +646,14 @@ def test_mount_prunes_old_logs_of_mount_points_not_in_use(env):
     for p in dead_socks:  # what kill -9 leaves: a bound socket nobody serves
         with socket.socket(socket.AF_UNIX) as s:
             s.bind(p)
+    # A mount in another mount namespace: not in our mount table, but it listens.
+    elsewhere = socket.socket(socket.AF_UNIX)
+    elsewhere_path = os.path.join(run_dir, "2123456789abcdef.sock")
+    elsewhere.bind(elsewhere_path)
+    elsewhere.listen()
     hour_ago = time.time() - 2 * 3600
     os.utime(dead_socks[0], (hour_ago, hour_ago))
+    os.utime(elsewhere_path, (hour_ago, hour_ago))
     os.utime(live_sock, (old, old))
     for p in [*stale, fresh]:
         with open(p, "w") as f:
@@ -657,9 +663,11 @@ def test_mount_prunes_old_logs_of_mount_points_not_in_use(env):
     c, d = env.create("c.img", "d.img", size="16M")
     env.mount(c, d, mp="mnt2")
     assert not any(os.path.exists(p) for p in [*stale, dead_socks[0]])
-    assert all(os.path.exists(p) for p in (fresh, live_log, live_sock, dead_socks[1]))
+    assert all(os.path.exists(p) for p in (fresh, live_log, live_sock, dead_socks[1],
+                                            elsewhere_path))
     assert status_json(mnt)["volume"]["mounted"]  # its socket still answers
-    for p in (fresh, dead_socks[1]):
+    elsewhere.close()
+    for p in (fresh, dead_socks[1], elsewhere_path):
         os.unlink(p)
 
 

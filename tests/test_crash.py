@@ -720,7 +720,10 @@ def test_a_command_whose_mount_is_killed_mid_way_says_so(env):
         add = subprocess.Popen([sys.executable, "-m", "raid1fs", "add", str(mnt),
                                 str(ffs / "c.img")], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)  # the add is writing c's superblock, a second per call
+        # The mount has taken the request once it made the image (each call
+        # on it then takes a second): kill it while it writes c's metadata.
+        wait_for(lambda: (src / "c.img").exists(), timeout=30, what="the add to make c.img")
+        time.sleep(0.5)
         kill_daemon(mnt)
         _, err = add.communicate(timeout=60)
     finally:

@@ -552,9 +552,13 @@ def test_a_commit_that_reaches_no_in_sync_member_fails_nobody(tmp_path, monkeypa
             await vol.set_attrs({"mode": 0o640})
         assert (a.state, b.state, c.state) == ("online", "online", "rebuilding")
         assert read_superblock(c.fd, c.path)[0].events == before
+        # Its number is taken back: written nowhere, it must not open a gap
+        # that makes an in-sync member look like an older copy of itself.
+        assert vol.sb.events == before
         monkeypatch.undo()
-        await vol.set_attrs({"mode": 0o640})  # the disk is back: it goes through
+        await vol.set_attrs({"mode": 0o600})  # the disk is back: it goes through
         assert vol.state == "rebuilding"
+        assert [read_superblock(x.fd, x.path)[0].events for x in (a, b, c)] == [before + 1] * 3
 
     _run(scenario, found)
 

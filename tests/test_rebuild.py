@@ -480,7 +480,7 @@ def test_a_spare_not_given_at_mount_shows_missing_and_can_be_removed_or_added_ba
     s = env.path("s.img")
     raid1fs("add", "--spare", mnt, s)
     raid1fs("umount", mnt)
-    for back in ("add", "remove"):
+    for back in ("add", "replace", "remove"):
         raid1fs("mount", a, b, mnt)
         st = status_json(mnt)
         e = member_entry(st, s)
@@ -503,14 +503,46 @@ def test_a_spare_not_given_at_mount_shows_missing_and_can_be_removed_or_added_ba
                 [(0, "online"), (1, "online"), (2, "spare")], st["members"]
             raid1fs("umount", mnt)
             assert member_state(status_json(a, b, s), s) == "spare"
+        elif back == "replace":  # it replaces b: listed once, its old entry gone
+            raid1fs("replace", mnt, b, s)
+            raid1fs("rebuild", "--wait", mnt)
+            st = status_json(mnt)
+            assert [(m["path"], m["state"]) for m in st["members"]] == \
+                [(str(a), "online"), (str(s), "online")], st["members"]
+            raid1fs("replace", mnt, s, b)  # back as it was, for the next round
+            raid1fs("rebuild", "--wait", mnt)
+            raid1fs("add", "--spare", mnt, s)
+            raid1fs("umount", mnt)
         else:
-            raid1fs("remove", mnt, s)
+            r = raid1fs("remove", mnt, s)
+            assert "note:" not in r.stdout, r.stdout  # a spare holds no copy to mistake
             st = status_json(mnt)
             assert [m["path"] for m in st["members"]] == [str(a), str(b)], st["members"]
             assert st["volume"]["state"] == "clean"
             raid1fs("umount", mnt)
             r = raid1fs("mount", a, b, s, mnt, check=False)
             assert r.returncode not in (0, 2) and str(s) in one_line(r.stderr)
+
+
+def test_fail_names_the_member_in_the_mount_before_an_absent_slot_of_that_path(env):
+    """b.img went missing; a new image at the same path was added. `fail
+    b.img` fails that live member (not "not in this mount" because of the
+    old slot's path); `fail` of the absent slot by its UUID says it is not
+    in this mount."""
+    a, b, c = env.create("a.img", "b.img", "c.img", size="16M")
+    old_uuid = status_json(a, b, c)["members"][1]["uuid"]
+    b.unlink()
+    mnt = env.mount(a, c, opts=["--degraded"])
+    raid1fs("add", mnt, b)
+    raid1fs("rebuild", "--wait", mnt, check=False)  # exit 1: the old slot is still missing
+    st = status_json(mnt)
+    assert sorted(m["state"] for m in st["members"] if m["path"] == str(b)) == \
+        ["missing", "online"], st["members"]
+    raid1fs("fail", mnt, b)
+    st = status_json(mnt)
+    assert [m["state"] for m in st["members"] if m["path"] == str(b)].count("failed") == 1, st
+    r = raid1fs("fail", mnt, old_uuid, check=False)
+    assert r.returncode not in (0, 2) and "not in this mount" in one_line(r.stderr), r.stderr
 
 
 # ----- offline rebuild -------------------------------------------------------------
