@@ -293,14 +293,18 @@ class Volume:
     # ----- metadata ---------------------------------------------------------
 
     async def _commit(self, change: Callable[[Superblock], object] | None = None,
-                      clean: bool | None = None) -> None:
+                      clean: bool | None = None,
+                      undo: Callable[[Superblock], object] | None = None) -> None:
         """Apply `change` to the roster, bump events, persist on every online member.
 
         A member whose metadata write fails is failed in turn and the commit
         repeated, so the survivors always agree. A change that returns False
         changed nothing (say, a member another write already failed): then
         nothing is written, but the caller has still waited for the commit in
-        progress, so what it relies on is durable when it returns.
+        progress, so what it relies on is durable when it returns. If the
+        commit is written nowhere (VolumeIOError), `undo` takes the change
+        back, under the same lock, so that no later commit records what the
+        caller was told failed.
         """
         async with self._meta_lock:
             if change is not None and change(self.sb) is False and clean is None:
@@ -341,6 +345,8 @@ class Volume:
                     # members in sync stay at most one commit apart (the
                     # rule assembly tells an older copy of a member by).
                     self.sb.events -= 1
+                    if undo is not None:
+                        undo(self.sb)
                     raise VolumeIOError(
                         "metadata write failed on every in-sync member: "
                         + "; ".join(str(e) for e in errors.values()))
@@ -360,12 +366,19 @@ class Volume:
     async def set_attrs(self, attrs: dict[str, int]) -> None:
         """Record the `disk` file's attributes (chmod, chown, utimens) on
         every member (guarantee 1: they outlive the mount)."""
+        before: dict[str, int] = {}
+
         def change(sb: Superblock) -> bool:
             if all(sb.attrs.get(k) == v for k, v in attrs.items()):
                 return False
+            before.update(sb.attrs)
             sb.attrs.update(attrs)
             return True
-        await self._commit(change)
+
+        def undo(sb: Superblock) -> None:  # the caller gets EIO: the disk keeps them
+            sb.attrs.clear()
+            sb.attrs.update(before)
+        await self._commit(change, undo=undo)
 
     def _failer(self, errors: dict[Member, MemberIOError]) -> Callable[[Superblock], bool]:
         """A roster change failing every member in `errors`; True if any was new."""

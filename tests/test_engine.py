@@ -555,10 +555,16 @@ def test_a_commit_that_reaches_no_in_sync_member_fails_nobody(tmp_path, monkeypa
         # Its number is taken back: written nowhere, it must not open a gap
         # that makes an in-sync member look like an older copy of itself.
         assert vol.sb.events == before
+        # ... and so is the change: the caller was told it failed, so no
+        # later commit may record it.
+        assert "mode" not in vol.sb.attrs
         monkeypatch.undo()
-        await vol.set_attrs({"mode": 0o600})  # the disk is back: it goes through
+        await vol._commit()
+        assert "mode" not in read_superblock(a.fd, a.path)[0].attrs
+        await vol.set_attrs({"mode": 0o640})  # the disk is back: it goes through
         assert vol.state == "rebuilding"
-        assert [read_superblock(x.fd, x.path)[0].events for x in (a, b, c)] == [before + 1] * 3
+        got = [read_superblock(x.fd, x.path)[0] for x in (a, b, c)]
+        assert [(g.events, g.attrs.get("mode")) for g in got] == [(before + 2, 0o640)] * 3
 
     _run(scenario, found)
 
