@@ -50,6 +50,12 @@ class RegionLog:
         # the syncs under way (see sync_begin): not yet known durable.
         self.unsynced = Bitmap(self.nregions, self.nbytes)
         self.syncing: list[Bitmap] = []
+        # Regions where the members may differ while mounted: a write there
+        # was given up on every in-sync member after a timeout, and a call
+        # given up on may still land on one of them. Their intent bits stay
+        # set, and the unmount leaves the volume unclean, so the next mount
+        # resyncs them (as after a crash).
+        self.suspect = Bitmap(self.nregions, self.nbytes)
         self.inflight: dict[int, int] = {}  # group -> writes in flight
         self.inflight_regions: dict[int, int] = {}  # region -> writes in flight
         self.started: dict[int, int] = {}  # group -> writes started (ever)
@@ -189,13 +195,18 @@ class RegionLog:
                 out[g] = self.started.get(g, 0)
         return out
 
+    def suspect_range(self, r0: int, r1: int) -> None:
+        """Regions r0..r1-1 may differ between the members (see suspect)."""
+        self.suspect.set_range(r0, r1)
+
     def clear_groups(self, groups: dict[int, int]) -> int:
         """Clear the groups no write touched since `idle_groups`; returns how many."""
         n = 0
         for g, started in groups.items():
-            if g in self.inflight or self.started.get(g, 0) != started:
-                continue
             lo = g * self.group
+            if g in self.inflight or self.started.get(g, 0) != started or \
+                    self.suspect.any_in(lo, lo + self.group):
+                continue
             self.intent.clear_range(lo, lo + self.group)
             self._touch(INTENT, lo, lo + self.group)
             self.last.pop(g, None)
@@ -205,7 +216,9 @@ class RegionLog:
         return n
 
     def clear_intent(self) -> None:
+        """At unmount: every intent bit but the suspect regions'."""
         self.intent.clear_all()
+        self.intent |= self.suspect
         self.last.clear()
         self._touch(INTENT, 0, self.nregions)
         self.gen += 1

@@ -587,9 +587,9 @@ class Volume:
             self.mounted = False
             return
         await self.fsync(datasync=False)
-        self.regions.clear_intent()
+        self.regions.clear_intent()  # but the suspect regions', for the next mount
         await self._flush_regions()
-        await self._commit(self._checkpoint_all, clean=True)
+        await self._commit(self._checkpoint_all, clean=not self.regions.suspect)
         self.mounted = False
 
     def let_go(self) -> None:
@@ -670,6 +670,13 @@ class Volume:
                 for x in targets:
                     if x not in errors and x.state == m.REBUILDING and x.rebuild is not None:
                         x.rebuild.copy_again(r0, r1)
+                if any(isinstance(e, MemberTimeoutError) for e in errors.values()):
+                    # A write given up on may still land, on one member and
+                    # not another: they may differ there from now on.
+                    self.regions.suspect_range(r0, r1)
+                    log.error("write at %d given up on every in-sync member after the I/O "
+                              "timeout: the members may differ there until the next mount "
+                              "resyncs it (this unmount leaves the volume unclean)", offset)
             await self._settle(targets, errors, f"write at {offset}")
         finally:
             self._ranges.release(lock)
@@ -1384,7 +1391,8 @@ class Volume:
                 "io_timeout": self.io_timeout, "max_rebuild_rate": self.throttle.rate,
                 "regions": {"region_bytes": self.regions.region,
                             "intent_bytes": self.regions.bytes_of(self.regions.intent),
-                            "missed_bytes": self.regions.bytes_of(self.regions.missed)},
+                            "missed_bytes": self.regions.bytes_of(self.regions.missed),
+                            "suspect_bytes": self.regions.bytes_of(self.regions.suspect)},
             },
             "members": members,
         }

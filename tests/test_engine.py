@@ -348,15 +348,16 @@ def _run(scenario, found) -> None:
         close_all(found)
 
 
-def _engine_volume(tmp_path, n: int = 2):
+def _engine_volume(tmp_path, n: int = 2, **kw):
     from raid1fs.assemble import assemble, read_members
     from raid1fs.create import create_disk
     from raid1fs.volume import Volume
 
     paths = [str(tmp_path / f"m{i}.img") for i in range(n)]
-    create_disk(paths, "t", 8 << 20, True, False)
+    if not os.path.exists(paths[0]):
+        create_disk(paths, "t", 8 << 20, True, False)
     found = read_members(paths)
-    return Volume(assemble(found)), found
+    return Volume(assemble(found), **kw), found
 
 
 def test_a_checkpoint_records_only_what_its_fdatasync_covered(tmp_path, monkeypatch):
@@ -652,3 +653,63 @@ def test_fail_of_a_hung_path_says_nothing_was_done(tmp_path, monkeypatch):
     finally:
         hang.set()
         close_all(found)
+
+
+def test_a_write_given_up_on_every_member_is_resynced_at_the_next_mount(tmp_path, monkeypatch):
+    """Both in-sync members time out on a write (the caller gets EIO, nobody
+    is failed); the call given up on lands late on one member and fails on
+    the other, so they differ there. The region stays marked, the unmount
+    leaves the volume unclean, and the next mount resyncs it from one
+    member: the members end identical. (Found by audit: they stayed
+    different, the volume clean.)"""
+    import errno
+
+    from raid1fs import volume as vmod
+    from raid1fs.errors import VolumeIOError
+    from raid1fs.superblock import read_superblock
+
+    vol, found = _engine_volume(tmp_path, io_timeout=0.3)
+    a, b = vol.members
+    real = vmod.pwrite_full
+
+    def late(fd, data, off, sync):
+        time.sleep(0.8)  # past the I/O timeout: given up on, then it ends
+        if fd == b.fd:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, data, off, sync)
+
+    async def scenario() -> None:
+        await vol.start()
+        await vol.write(0, b"H" * 4096)
+        monkeypatch.setattr(vmod, "pwrite_full", late)
+        with pytest.raises(VolumeIOError):
+            await vol.write(0, b"T" * 4096)
+        monkeypatch.undo()
+        await trio.sleep(1.0)  # a's write lands
+        assert (a.state, b.state) == ("online", "online")
+        assert vol.status()["volume"]["regions"]["suspect_bytes"] > 0
+        await vol.shutdown()
+
+    _run(scenario, found)
+    paths = [f.path for f in found]
+    for p in paths:
+        with open(p, "rb") as f:
+            assert read_superblock(f.fileno(), p)[0].clean is False, p
+    vol, found = _engine_volume(tmp_path)
+
+    async def remount() -> None:
+        async with trio.open_nursery() as n:
+            await vol.start(n)
+            assert any(x.state == "rebuilding" for x in vol.members)
+            while any(x.state == "rebuilding" for x in vol.members):
+                await trio.sleep(0.05)
+            await vol.shutdown()
+            n.cancel_scope.cancel()
+
+    _run(remount, found)
+    data = []
+    for p in paths:
+        with open(p, "rb") as f:
+            f.seek(vol.sb.data_offset)
+            data.append(f.read(4096))
+    assert data[0] == data[1], [d[:4] for d in data]
