@@ -26,6 +26,7 @@ ROOT = pyfuse3.ROOT_INODE
 DISK = ROOT + 1
 DISK_NAME = b"disk"
 CACHE_TIMEOUT = 300.0
+ROOT_KEY = "root_"  # the mount's root directory's attributes, in Superblock.attrs
 
 
 def _apply(a: dict[str, Any], kept: dict[str, int]) -> None:
@@ -53,7 +54,10 @@ class DiskOperations(pyfuse3.Operations):
             DISK: {"mode": stat.S_IFREG | 0o600, "uid": uid, "gid": gid, "atime": now_ns,
                    "mtime": now_ns, "ctime": now_ns},
         }
-        _apply(self.attrs[DISK], volume.sb.attrs)  # what chmod/chown/utimens set before
+        # What chmod/chown/utimens set before, on the disk and on the root.
+        _apply(self.attrs[DISK], volume.sb.attrs)
+        _apply(self.attrs[ROOT], {k.removeprefix(ROOT_KEY): v for k, v in volume.sb.attrs.items()
+                                  if k.startswith(ROOT_KEY)})
 
     def _entry(self, inode: int) -> pyfuse3.EntryAttributes:
         a = self.attrs[inode]
@@ -127,9 +131,10 @@ class DiskOperations(pyfuse3.Operations):
             new["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             new["mtime_ns"] = attr.st_mtime_ns
-        if inode == DISK and new:
+        if new:
+            kept = new if inode == DISK else {ROOT_KEY + k: v for k, v in new.items()}
             try:
-                await self.volume.set_attrs(new)  # on every member first
+                await self.volume.set_attrs(kept)  # on every member first
             except Raid1fsError as e:
                 log.error("setattr: %s", e)
                 raise pyfuse3.FUSEError(e.errno) from None

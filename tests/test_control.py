@@ -510,8 +510,9 @@ def test_status_of_members_of_a_running_mount(env):
 
 
 def test_disk_attributes_outlive_the_mount(env):
-    """chmod, chown and utimens on `disk` are written to every member before
-    they return (guarantee 1), so a remount shows them again."""
+    """chmod, chown and utimens on `disk` (and on the mount's root) are
+    written to every member before they return (guarantee 1), so a remount
+    shows them again."""
     a, b = env.create("a.img", "b.img", size="16M")
     mnt = env.mount(a, b)
     disk = mnt / "disk"
@@ -536,6 +537,14 @@ def test_disk_attributes_outlive_the_mount(env):
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 1234, 5678)
     assert (st.st_atime_ns, st.st_mtime_ns) == (1_600_000_000_000_000_000,
                                                 1_500_000_000_000_000_000)
+    # The mount's root directory too (chmod 700 to keep others out of it).
+    os.chmod(mnt, 0o700)
+    os.chown(mnt, 4321, 8765)
+    raid1fs("umount", mnt)
+    mnt = env.mount(a, b)
+    st = os.stat(mnt)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o700, 4321, 8765)
+    assert stat.S_IMODE(os.stat(mnt / "disk").st_mode) == 0o640
 
 
 def test_status_of_members_finds_a_mount_with_an_unusual_name(env):
