@@ -56,6 +56,8 @@ class DiskOperations(pyfuse3.Operations):
         }
         # What chmod/chown/utimens set before, on the disk and on the root.
         _apply(self.attrs[DISK], volume.sb.attrs)
+        self.direct: set[int] = set()  # handles of opens with O_DIRECT
+        self._next_fh = DISK + 1
         _apply(self.attrs[ROOT], {k.removeprefix(ROOT_KEY): v for k, v in volume.sb.attrs.items()
                                   if k.startswith(ROOT_KEY)})
 
@@ -150,7 +152,11 @@ class DiskOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if flags & os.O_TRUNC:  # atomic O_TRUNC arrives here, not as a setattr
             raise pyfuse3.FUSEError(errno.EPERM)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        fh = inode
+        if flags & os.O_DIRECT:
+            fh, self._next_fh = self._next_fh, self._next_fh + 1
+            self.direct.add(fh)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if off >= self.volume.size or size <= 0:
@@ -168,6 +174,10 @@ class DiskOperations(pyfuse3.Operations):
         if off >= self.volume.size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
         if off + len(buf) > self.volume.size:
+            if fh in self.direct:
+                # The kernel turns a short direct write into EIO, with the
+                # part before the end written: refuse it whole instead.
+                raise pyfuse3.FUSEError(errno.ENOSPC)
             buf = buf[: self.volume.size - off]
         try:
             n = await self.volume.write(off, buf)
@@ -192,7 +202,7 @@ class DiskOperations(pyfuse3.Operations):
         return None
 
     async def release(self, fh: int) -> None:
-        return None
+        self.direct.discard(fh)
 
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()

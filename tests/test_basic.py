@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import random
 
@@ -92,6 +93,21 @@ def test_disk_size_cannot_change(env):
         assert os.pwrite(fd, b"xyz", 16 * MiB - 2) == 2  # clipped at the end
     finally:
         os.close(fd)
+    # O_DIRECT across the end: refused whole with ENOSPC (a short direct
+    # write would reach the caller as EIO, with its first part written).
+    buf = mmap.mmap(-1, 8192)
+    buf.write(b"D" * 8192)
+    fd = os.open(disk, os.O_RDWR | os.O_DIRECT)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, buf, 16 * MiB - 4096)
+        assert e.value.errno == errno.ENOSPC
+        assert os.pwrite(fd, buf, 16 * MiB - 8192) == 8192  # up to the end: fine
+    finally:
+        os.close(fd)
+    with open(disk, "rb") as f:
+        f.seek(16 * MiB - 8192)
+        assert f.read() == b"D" * 8192
 
 
 def test_fusermount_leaves_members_clean(env):
