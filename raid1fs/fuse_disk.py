@@ -56,10 +56,10 @@ class DiskOperations(pyfuse3.Operations):
         }
         # What chmod/chown/utimens set before, on the disk and on the root.
         _apply(self.attrs[DISK], volume.sb.attrs)
-        self.direct: set[int] = set()  # handles of opens with O_DIRECT
-        self._next_fh = DISK + 1
         _apply(self.attrs[ROOT], {k.removeprefix(ROOT_KEY): v for k, v in volume.sb.attrs.items()
                                   if k.startswith(ROOT_KEY)})
+        self.direct: set[int] = set()  # handles of opens with O_DIRECT
+        self._next_fh = DISK + 1
 
     def _entry(self, inode: int) -> pyfuse3.EntryAttributes:
         a = self.attrs[inode]

@@ -364,8 +364,9 @@ class Volume:
                     self._mark_failed(x, e.reason)
 
     async def set_attrs(self, attrs: dict[str, int]) -> None:
-        """Record the `disk` file's attributes (chmod, chown, utimens) on
-        every member (guarantee 1: they outlive the mount)."""
+        """Record the attributes chmod, chown and utimens set (of the `disk`
+        file and the mount's root) on every member (guarantee 1: they
+        outlive the mount)."""
         before: dict[str, int] = {}
 
         def change(sb: Superblock) -> bool:
