@@ -17,6 +17,7 @@ them in the same order. Nothing here imports pyfuse3.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -1066,10 +1067,8 @@ class Volume:
             # A spare's own metadata holds no volume data to be mistaken for it.
             spare = self.sb.roster[slot].state == SPARE
 
-            def drop_away(sb: Superblock) -> None:
-                sb.drop(sb.roster[slot])
-                self._narrow(sb)
-            await self._commit(drop_away)
+            change, undo = self._dropping(self.sb.roster[slot].uuid)
+            await self._commit(change, undo=undo)
             self.missing[:] = [(s, h) for s, h in self.missing if s != slot]
             await self._maybe_clear_missed()
             return outcome(hint, spare)
@@ -1077,18 +1076,40 @@ class Volume:
         if x.state in (m.ONLINE, m.REBUILDING):
             raise Raid1fsError(f"{x.path}: is {x.state}; fail it before removing it")
 
-        def drop_member(sb: Superblock) -> None:
-            entry = sb.roster_entry(x.uuid)
-            if entry is not None:
-                sb.drop(entry)
-            self._narrow(sb)
-        await self._commit(drop_member)
+        change, undo = self._dropping(x.uuid)
+        await self._commit(change, undo=undo)
         self.members.remove(x)
         told = await self._disown(x)
         self._release(x)
         log.warning("member %s removed", x.path)
         await self._maybe_clear_missed()
         return outcome(x.path, told)
+
+    def _dropping(self, uuid: str) -> tuple[Callable[[Superblock], None],
+                                            Callable[[Superblock], None]]:
+        """The roster change removing member `uuid` (the mirror narrows with
+        it), and its undo for a commit written nowhere: that slot, the width
+        and the removed list put back, and nothing else (a failure the
+        commit's retry marked stays)."""
+        saved: list[Any] = []
+
+        def change(sb: Superblock) -> None:
+            entry = sb.roster_entry(uuid)
+            saved[:] = [entry, dataclasses.replace(entry) if entry else None,
+                        sb.members_expected, uuid in sb.removed]
+            if entry is not None:
+                sb.drop(entry)
+            self._narrow(sb)
+
+        def undo(sb: Superblock) -> None:
+            entry, was, width, known = saved
+            if entry is not None:
+                for f in dataclasses.fields(was):
+                    setattr(entry, f.name, getattr(was, f.name))
+            sb.members_expected = width
+            if not known:
+                sb.removed = [u for u in sb.removed if u != uuid]
+        return change, undo
 
     def _narrow(self, sb: Superblock) -> None:
         """After a removal: expect no more members than the roster still

@@ -713,3 +713,38 @@ def test_a_write_given_up_on_every_member_is_resynced_at_the_next_mount(tmp_path
             f.seek(vol.sb.data_offset)
             data.append(f.read(4096))
     assert data[0] == data[1], [d[:4] for d in data]
+
+
+def test_a_remove_whose_commit_reaches_no_in_sync_member_changes_nothing(tmp_path, monkeypatch):
+    """`remove` of a failed member while the metadata write fails on every
+    in-sync member: the caller gets an error and the roster is as before
+    (the member still named, the mirror as wide), so no later commit
+    records a removal the operator was told failed; once the disks answer,
+    the remove works."""
+    from raid1fs import volume as vmod
+    from raid1fs.errors import VolumeIOError
+    from raid1fs.superblock import read_superblock
+
+    vol, found = _engine_volume(tmp_path, 3)
+    a, b, c = vol.members
+
+    async def scenario() -> None:
+        await vol.start()
+        await vol.fail(c.path)
+        width, removed = vol.sb.members_expected, list(vol.sb.removed)
+        monkeypatch.setattr(vmod, "write_superblock",
+                            _eio_on({a.fd, b.fd}, vmod.write_superblock))
+        with pytest.raises(VolumeIOError, match="every in-sync member"):
+            await vol.remove(c.path)
+        monkeypatch.undo()
+        entry = vol.sb.roster_entry(c.uuid)
+        assert entry is not None and entry.state == "failed"
+        assert (vol.sb.members_expected, vol.sb.removed) == (width, removed)
+        assert c in vol.members
+        await vol._commit()  # what a later commit writes
+        on_a = read_superblock(a.fd, a.path)[0]
+        assert on_a.roster_entry(c.uuid) is not None and c.uuid not in on_a.removed
+        await vol.remove(c.path)
+        assert vol.sb.roster_entry(c.uuid) is None and c.uuid in vol.sb.removed
+
+    _run(scenario, found)
