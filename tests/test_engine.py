@@ -338,13 +338,16 @@ def test_io_threads_grow_only_when_calls_would_queue():
     trio.run(main)
 
 
-def _run(scenario, found) -> None:
-    """trio.run(scenario), the members of `found` closed whatever happens."""
+def _run(scenario, found, hang: threading.Event | None = None) -> None:
+    """trio.run(scenario), the members of `found` closed whatever happens
+    (and `hang`, the event a simulated hung call waits for, set first)."""
     from raid1fs.assemble import close_all
 
     try:
         trio.run(scenario)
     finally:
+        if hang is not None:
+            hang.set()
         close_all(found)
 
 
@@ -484,7 +487,6 @@ def test_calls_given_up_on_a_hung_path_do_not_starve_later_ones(tmp_path):
     """Lookups of a hung path are given up after the I/O timeout but their
     threads stay stuck; however many there are, a later call on a healthy
     path still runs (no shared pool of threads runs dry)."""
-    from raid1fs.assemble import close_all
     from raid1fs.volume import GivenUp
 
     vol, found = _engine_volume(tmp_path)
@@ -497,11 +499,7 @@ def test_calls_given_up_on_a_hung_path_do_not_starve_later_ones(tmp_path):
                 await vol._bounded("/hung", hang.wait)
         assert await vol._bounded("/fine", lambda: 7) == 7
 
-    try:
-        trio.run(scenario)
-    finally:
-        hang.set()
-        close_all(found)
+    _run(scenario, found, hang)
 
 
 def _eio_on(fds, real):
@@ -634,7 +632,6 @@ def test_fail_of_a_hung_path_says_nothing_was_done(tmp_path, monkeypatch):
     """fail/remove/replace look a path up (another name of a member?) under
     the I/O timeout; when it does not answer the one-line error says
     nothing was done (not "not added": that is add's)."""
-    from raid1fs.assemble import close_all
     from raid1fs.volume import GivenUp
 
     vol, found = _engine_volume(tmp_path)
@@ -648,11 +645,7 @@ def test_fail_of_a_hung_path_says_nothing_was_done(tmp_path, monkeypatch):
             await vol.fail(str(tmp_path / "elsewhere" / "m0.img"))
         assert str(e.value).endswith("I/O timeout; nothing done"), str(e.value)
 
-    try:
-        trio.run(scenario)
-    finally:
-        hang.set()
-        close_all(found)
+    _run(scenario, found, hang)
 
 
 def test_a_write_given_up_on_every_member_is_resynced_at_the_next_mount(tmp_path, monkeypatch):
