@@ -195,10 +195,6 @@ class RegionLog:
                 out[g] = self.started.get(g, 0)
         return out
 
-    def suspect_range(self, r0: int, r1: int) -> None:
-        """Regions r0..r1-1 may differ between the members (see suspect)."""
-        self.suspect.set_range(r0, r1)
-
     def clear_groups(self, groups: dict[int, int]) -> int:
         """Clear the groups no write touched since `idle_groups`; returns how many."""
         n = 0

@@ -675,7 +675,7 @@ class Volume:
                 if any(isinstance(e, MemberTimeoutError) for e in errors.values()):
                     # A write given up on may still land, on one member and
                     # not another: they may differ there from now on.
-                    self.regions.suspect_range(r0, r1)
+                    self.regions.suspect.set_range(r0, r1)
                     log.error("write at %d given up on every in-sync member after the I/O "
                               "timeout: the members may differ there until the next mount "
                               "resyncs it (this unmount leaves the volume unclean)", offset)
@@ -1057,21 +1057,25 @@ class Volume:
     async def _remove(self, path: str) -> dict[str, Any]:
         before = self.sb.members_expected
 
-        def outcome(p: str, told: bool) -> dict[str, Any]:
+        def outcome(p: str, old_copy_left: bool) -> dict[str, Any]:
+            """`told`: False when the member left holding metadata that still
+            calls it one of ours, an old copy of the volume (the CLI warns)."""
             n = self.sb.members_expected
-            return {"path": p, "members_expected": n, "narrowed": n < before, "told": told}
+            return {"path": p, "members_expected": n, "narrowed": n < before,
+                    "told": not old_copy_left}
 
         away = self._away(path)
         if away is not None:
             slot, hint = away
-            # A spare's own metadata holds no volume data to be mistaken for it.
-            spare = self.sb.roster[slot].state == SPARE
+            # Not in this mount, so not told; but a spare's own metadata
+            # holds no copy of the volume to be mistaken for it.
+            old_copy_left = self.sb.roster[slot].state != SPARE
 
             change, undo = self._dropping(self.sb.roster[slot].uuid)
             await self._commit(change, undo=undo)
             self.missing[:] = [(s, h) for s, h in self.missing if s != slot]
             await self._maybe_clear_missed()
-            return outcome(hint, spare)
+            return outcome(hint, old_copy_left)
         x = await self._find(path)
         if x.state in (m.ONLINE, m.REBUILDING):
             raise Raid1fsError(f"{x.path}: is {x.state}; fail it before removing it")
@@ -1083,7 +1087,7 @@ class Volume:
         self._release(x)
         log.warning("member %s removed", x.path)
         await self._maybe_clear_missed()
-        return outcome(x.path, told)
+        return outcome(x.path, not told)
 
     def _dropping(self, uuid: str) -> tuple[Callable[[Superblock], None],
                                             Callable[[Superblock], None]]:
