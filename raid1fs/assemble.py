@@ -39,7 +39,6 @@ from raid1fs import member as m
 from raid1fs.errors import (
     AssemblyError,
     BadMemberError,
-    MetadataError,
     SplitBrainError,
     UsageError,
 )
@@ -90,10 +89,19 @@ def identity(path: str) -> tuple[object, ...]:
     """What makes two paths the same member: the inode, or the device (for
     a loop device, the inode of the file it serves)."""
     st = os.stat(path)
+    return _identity(st, m.backing_file_of(path) if stat.S_ISBLK(st.st_mode) else None)
+
+
+def fd_identity(fd: int) -> tuple[object, ...]:
+    """identity() of an open member."""
+    st = os.fstat(fd)
+    return _identity(st, m.loop_backing_file(fd) if stat.S_ISBLK(st.st_mode) else None)
+
+
+def _identity(st: os.stat_result, backing: str | None) -> tuple[object, ...]:
+    if backing is not None:
+        return identity(backing)
     if stat.S_ISBLK(st.st_mode):
-        backing = m.backing_file_of(path)
-        if backing is not None:
-            return identity(backing)
         return ("dev", st.st_rdev)
     return ("ino", st.st_dev, st.st_ino)
 
@@ -128,7 +136,7 @@ def read_members(paths: list[str], writable: bool = True, lock: bool = True) -> 
             except OSError as e:
                 m.close_member(fd)
                 raise BadMemberError(f"{p}: cannot read: {e.strerror}") from None
-            except MetadataError:
+            except BaseException:
                 m.close_member(fd)
                 raise
             found.append(Found(p, fd, sb, problems))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from raid1fs import member as m
 from raid1fs.assemble import check_distinct
-from raid1fs.errors import BadMemberError, UsageError
+from raid1fs.errors import BadMemberError, MetadataError, UsageError
 from raid1fs.sizes import format_size
 from raid1fs.superblock import (
     ACTIVE,
@@ -66,6 +66,9 @@ def holds_data(fd: int, is_block: bool, path: str = "") -> bool:
     loop = m.loop_backing(fd)
     if loop is not None:
         backing, start = loop
+        # What was written through the device may still be in its page
+        # cache, not yet in the file: written back first, it is seen there.
+        os.fsync(fd)
         try:
             bfd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -144,13 +147,15 @@ def _inspect(path: str, force: bool) -> Target:
             try:
                 sb, _ = read_superblock(fd, path)
                 what = f"belongs to raid1fs volume {sb.name or sb.volume_uuid}"
-            except Exception:
+            except MetadataError:
                 what = "carries raid1fs metadata (damaged)"
             if not force:
                 raise BadMemberError(f"{path}: {what} (use --force to overwrite)")
         elif holds_data(fd, t.is_block, path) and not force:
             raise BadMemberError(f"{path}: holds data (use --force to overwrite)")
         return t
+    except OSError as e:
+        raise BadMemberError(f"{path}: cannot read: {e.strerror}") from None
     finally:
         m.close_member(fd)
 
@@ -196,34 +201,49 @@ def create_disk(paths: list[str], name: str, size: int | None, checksums: bool,
     roster = [Slot(u, ACTIVE, t.path) for u, t in zip(uuids, targets, strict=True)]
     now = time.time()
     fds = _open_all(targets, layout.member_bytes)
-    first: Superblock | None = None
+    sbs = [Superblock(
+        volume_uuid=volume_uuid, name=name, kind="disk", member_uuid=uuids[slot],
+        slot=slot, members_expected=len(targets), events=1, clean=True, size=vsize,
+        data_offset=layout.data_offset, region_size=layout.region_size,
+        bitmap_offset=layout.bitmap_offset, bitmap_bytes=layout.bitmap_bytes,
+        csum_offset=layout.csum_offset, csum_bytes=layout.csum_bytes,
+        checksums=checksums, created=now, roster=list(roster),
+    ) for slot in range(len(targets))]
+    doing = targets[0].path
+    written: list[int] = []
     try:
-        for slot, (t, fd) in enumerate(zip(targets, fds, strict=True)):
+        # Every member zeroed before any is given metadata: a member that
+        # fails here leaves no volume behind on the others.
+        for t, fd in zip(targets, fds, strict=True):
+            doing = t.path
             if t.exists:
                 # Metadata area and data region both: every member must
                 # start with identical data whatever it held before (zeros,
                 # or what --force overrode).
                 _zero(fd, t.is_block, 0, layout.data_offset + vsize)
-            sb = Superblock(
-                volume_uuid=volume_uuid, name=name, kind="disk", member_uuid=uuids[slot],
-                slot=slot, members_expected=len(targets), events=1, clean=True, size=vsize,
-                data_offset=layout.data_offset, region_size=layout.region_size,
-                bitmap_offset=layout.bitmap_offset, bitmap_bytes=layout.bitmap_bytes,
-                csum_offset=layout.csum_offset, csum_bytes=layout.csum_bytes,
-                checksums=checksums, created=now, roster=[s for s in roster],
-            )
             os.fsync(fd)  # the zeroing, durable before the metadata names it
+        for t, fd, sb in zip(targets, fds, sbs, strict=True):
+            doing = t.path
+            written.append(fd)
             # Both copies, so no older superblock can outrank the new one.
             write_superblock(fd, sb)
             write_superblock(fd, sb)
-            first = first or sb
     except OSError as e:
-        raise BadMemberError(f"{targets[slot].path}: write failed: {e.strerror}") from None
+        for fd in written:  # the volume is not made: its metadata goes again
+            try:
+                os.pwrite(fd, bytes(SB_COPIES * SB_SIZE), 0)
+                os.fsync(fd)
+            except OSError:
+                pass
+        for t in targets:
+            if not t.exists:
+                os.unlink(t.path)
+        raise BadMemberError(f"{doing}: write failed: {e.strerror} "
+                             "(no volume created)") from None
     finally:
         for fd in fds:
             m.close_member(fd)
-    assert first is not None
-    return first
+    return sbs[0]
 
 
 def _open_all(targets: list[Target], member_bytes: int) -> list[int]:
@@ -333,7 +353,7 @@ def open_new_member(path: str, member_bytes: int, volume_uuid: str) -> NewMember
         if has_signature(fd):
             try:
                 old, _ = read_superblock(fd, path)
-            except Exception:
+            except MetadataError:
                 raise BadMemberError(f"{path}: carries damaged raid1fs metadata "
                                      "(wipe it first)") from None
             if old.volume_uuid != volume_uuid:
@@ -342,6 +362,9 @@ def open_new_member(path: str, member_bytes: int, volume_uuid: str) -> NewMember
         elif holds_data(fd, stat.S_ISBLK(os.fstat(fd).st_mode), path):
             raise BadMemberError(f"{path}: holds data (wipe it first; add never overwrites data)")
         return NewMember(path, fd, False, old)
+    except OSError as e:
+        m.close_member(fd)
+        raise BadMemberError(f"{path}: cannot read: {e.strerror}") from None
     except BaseException:
         m.close_member(fd)
         raise

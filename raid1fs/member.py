@@ -41,6 +41,7 @@ LATENCY_HALF_LIFE = 10.0  # seconds: how fast an unused member's latency is forg
 
 
 LOOP_MAJOR = 7
+BLKROGET = 0x125E
 LOOP_GET_STATUS64 = 0x4C05
 _LOOP_INFO64 = 232  # sizeof(struct loop_info64)
 
@@ -175,6 +176,11 @@ def open_member(path: str, writable: bool = True, lock: bool = True) -> int:
         if e.errno == errno.EBUSY:
             raise BadMemberError(f"{path}: device is busy (mounted or in use)") from None
         raise BadMemberError(f"{path}: cannot open: {e.strerror}") from None
+    if writable and stat.S_ISBLK(st.st_mode) and _read_only_device(fd):
+        # Opening it for writing works; every write fails (EPERM).
+        os.close(fd)
+        raise BadMemberError(f"{path}: read-only device (`blockdev --setrw` makes it "
+                             "writable; a mount with -o ro can use it as it is)")
     try:
         if lock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -188,6 +194,13 @@ def open_member(path: str, writable: bool = True, lock: bool = True) -> int:
             os.close(fd)
             raise
     return fd
+
+
+def _read_only_device(fd: int) -> bool:
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, BLKROGET, bytes(4)))[0] != 0
+    except OSError:
+        return False
 
 
 def device_size(fd: int) -> int:

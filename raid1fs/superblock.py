@@ -34,7 +34,7 @@ from typing import Any
 
 import crc32c
 
-from raid1fs.errors import MetadataError
+from raid1fs.errors import BadMemberError, MetadataError
 
 MAGIC = b"RAID1FS\0"
 FORMAT = 1
@@ -259,6 +259,7 @@ def read_superblock(fd: int, name: str, base: int = 0) -> tuple[Superblock, list
     """
     best: Superblock | None = None
     problems: list[str] = []
+    unreadable = False
     for i in range(SB_COPIES):
         try:
             block = os.pread(fd, SB_SIZE, base + i * SB_SIZE)
@@ -268,6 +269,7 @@ def read_superblock(fd: int, name: str, base: int = 0) -> tuple[Superblock, list
             sb = Superblock.decode(block)
         except OSError as e:
             problems.append(f"copy {i}: {e.strerror}")
+            unreadable = True
             continue
         except ValueError as e:
             problems.append(f"copy {i}: {e}")
@@ -275,6 +277,8 @@ def read_superblock(fd: int, name: str, base: int = 0) -> tuple[Superblock, list
         if best is None or sb.seq > best.seq:
             best = sb
     if best is None:
+        if unreadable:  # the device failed, not (as far as is known) the metadata
+            raise BadMemberError(f"{name}: cannot read its metadata ({'; '.join(problems)})")
         if not any("signature" not in p for p in problems):
             raise MetadataError(f"{name}: not a raid1fs member (no raid1fs superblock)")
         raise MetadataError(f"{name}: corrupted raid1fs metadata ({'; '.join(problems)})")

@@ -21,7 +21,6 @@ import dataclasses
 import errno
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -94,6 +93,7 @@ STREAM_WINDOW = 4 << 20  # reads this close to the last one belong to its stream
 # task (raid1fs.iobatch.run_batch).
 QUICK_MAX = 64 << 10
 QUICK_WAIT = 0.0005
+LET_GO_GRACE = 2.0  # seconds the exit waits for members' files to close
 
 
 class RangeLock:
@@ -281,8 +281,11 @@ class Volume:
             # A limiter of its own: threads still hung on given-up calls
             # must not use up a shared one, or every later call (a healthy
             # path's too) would wait for a token and be given up as well.
-            return await trio.to_thread.run_sync(run, abandon_on_cancel=True,
-                                                 limiter=trio.CapacityLimiter(1))
+            try:
+                return await trio.to_thread.run_sync(run, abandon_on_cancel=True,
+                                                     limiter=trio.CapacityLimiter(1))
+            except OSError as e:  # an I/O error the call did not put in words
+                raise Raid1fsError(f"{path}: I/O failed: {e.strerror or e}; {outcome}") from None
         with lock:
             box["abandoned"] = True
             late = box.pop("result", None)  # returned just as it was given up
@@ -600,9 +603,25 @@ class Volume:
         its main thread is gone, and with it every file it has open; the
         in-sync members must not stay locked (in use, for status and the
         next mount) until the hung one answers. The stuck call keeps only its
-        own member's file."""
-        for x in self.members + self._held:
-            _park_fd(x.fd)
+        own member's file.
+
+        Closing can hang too: the last close of a block device writes back
+        its dirty pages, and a failed member's device may be the hung one.
+        So each member is let go in a thread of its own, and a close that
+        hangs holds up neither the others nor the exit (its thread then
+        keeps the process listed, as a stuck write does)."""
+        threads = [threading.Thread(target=_park_fd, args=(x.fd,), daemon=True,
+                                    name=f"let go {x.path}")
+                   for x in self.members + self._held]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + LET_GO_GRACE
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for t in threads:
+            if t.is_alive():
+                log.error("%s: closing it hangs (its device writing back what it holds); "
+                          "the other members are let go", t.name.removeprefix("let go "))
 
     def _checkpoint_all(self, sb: Superblock) -> None:
         for x in self.members:
@@ -1205,7 +1224,8 @@ class Volume:
                 if replaces:
                     raise Raid1fsError(f"{path}: already a member of this volume "
                                        f"({existing.state})")
-                return await self._readd(existing, spare)
+                named = path if p == existing.path else f"{path} (member {existing.path})"
+                return await self._readd(existing, spare, named)
             nm = await self._bounded(
                 path, create.open_new_member, p, self.sb.data_offset + self.size,
                 self.sb.volume_uuid, undo=_drop_new)
@@ -1234,7 +1254,7 @@ class Volume:
                 raise
             except BaseException:
                 if not any(y.fd == nm.fd for y in self.members):
-                    m.close_member(nm.fd)
+                    _drop_new(nm)  # an image made for it goes again
                 raise
 
     def _member_at(self, path: str, among: list[Member]) -> Member | None:
@@ -1244,27 +1264,25 @@ class Volume:
         except OSError:
             return None
         for x in among:
-            st = os.fstat(x.fd)
-            mine = ("dev", st.st_rdev) if stat.S_ISBLK(st.st_mode) else \
-                ("ino", st.st_dev, st.st_ino)
-            if mine == ident:
+            if assemble.fd_identity(x.fd) == ident:
                 return x
         return None
 
-    async def _readd(self, x: Member, spare: bool) -> dict[str, Any]:
+    async def _readd(self, x: Member, spare: bool, named: str = "") -> dict[str, Any]:
+        named = named or x.path
         if x.state not in (m.FAILED, m.STALE):
-            raise Raid1fsError(f"{x.path}: already a member of this volume ({x.state})")
+            raise Raid1fsError(f"{named}: already a member of this volume ({x.state})")
         if x.workers.busy:
             # A write that hung when it failed could land after the resync
             # copied its region, and leave it older than the volume.
-            raise Raid1fsError(f"{x.path}: I/O to it from before it failed still hangs; it can "
+            raise Raid1fsError(f"{named}: I/O to it from before it failed still hangs; it can "
                                "be re-added once that I/O ends or after a remount")
         if spare:
-            raise Raid1fsError(f"{x.path}: is a {x.state} member of this volume; "
+            raise Raid1fsError(f"{named}: is a {x.state} member of this volume; "
                                "add it without --spare to re-add it")
         entry = self.sb.roster_entry(x.uuid)
         if entry is None:
-            raise Raid1fsError(f"{x.path}: no longer a member of this volume")
+            raise Raid1fsError(f"{named}: no longer a member of this volume")
         pending, full = self._resync_set(x, entry)
         await self._begin_rebuild(x, entry, pending, full)
         return self._describe(x)

@@ -257,6 +257,57 @@ def test_mount_refuses_member_that_cannot_be_read(env):
     assert_unchanged(before)
 
 
+@pytest.mark.parametrize("command", ["create", "add", "mount"])
+def test_a_member_that_cannot_be_read_is_named_so(env, command):
+    """Reads of the member fail (faultfs eio-read): create, add and mount
+    refuse it in one line that says it cannot be read (not a traceback, an
+    "internal error" or "corrupted metadata"), and nothing changes."""
+    src, ffs = env.faultfs()
+    if command == "mount":
+        x, b = env.create(ffs / "x.img", "b.img", size=SIZE)
+        others = [b]
+    else:
+        with open(ffs / "x.img", "wb") as f:
+            f.truncate(20 * MiB)
+        x, others = ffs / "x.img", [env.path("new.img")]
+    if command == "add":
+        others, mnt = env.volume(size=SIZE)
+    before = snapshot(src / "x.img", *others)
+    faultfs("set", ffs, "eio-read")
+    try:
+        if command == "create":
+            r = create(others[0], x)
+        elif command == "add":
+            r = raid1fs("add", mnt, x, check=False)
+        else:
+            r = mount(x, *others, env.mkdir("mnt"))
+        line = assert_refused(r, x)
+        assert "cannot read" in line, line
+    finally:
+        faultfs("set", ffs, "ok")
+    assert_unchanged(before)
+
+
+def test_create_that_fails_writing_a_member_leaves_no_volume(env):
+    """create whose writes fail on its second member (faultfs eio-write):
+    one line naming it, the image made for the first member is gone again,
+    and the second is as it was (before, the first got its metadata first:
+    a volume of one member that nobody asked for)."""
+    src, ffs = env.faultfs()
+    x = ffs / "x.img"
+    with open(x, "wb") as f:
+        f.truncate(20 * MiB)
+    new = env.path("new.img")
+    before = snapshot(src / "x.img", new)
+    faultfs("set", ffs, "eio-write")
+    try:
+        line = assert_refused(create(new, x), x)
+        assert "no volume created" in line, line
+    finally:
+        faultfs("set", ffs, "ok")
+    assert_unchanged(before)
+
+
 # ----- too small ------------------------------------------------------------------
 
 @pytest.mark.parametrize("with_size", [True, False], ids=["size-given", "size-guessed"])

@@ -1,0 +1,161 @@
+"""Members that are block devices (loop devices over files): what is true
+of an image file member must be true of them, under any of their names."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from conftest import (
+    MiB,
+    data_region_hash,
+    faultfs,
+    member_state,
+    process_gone,
+    raid1fs,
+    run,
+    status_json,
+    wait_for,
+)
+from test_bad_input import assert_refused, assert_unchanged, snapshot
+
+
+def _image(env, name: str, size: int = 64 * MiB) -> str:
+    p = env.path(name)
+    with open(p, "wb") as f:
+        f.truncate(size)
+    return str(p)
+
+
+def test_a_failed_loop_device_member_is_readded_under_any_of_its_names(env):
+    """A loop device member is found by a symlink to it and by the file it
+    serves (fail, add): re-added after `fail`, it is resynced (only what it
+    missed), not refused as busy; `add` of it while online says it is a
+    member already."""
+    m1 = _image(env, "m1.img")
+    dev = env.losetup(m1)
+    b = env.path("b.img")
+    raid1fs("create", "--kind", "disk", "--size", "40M", dev, b)
+    mnt = env.mount(dev, b)
+    line = assert_refused(raid1fs("add", mnt, m1, check=False), m1)
+    assert "already a member" in line, line
+    link = env.path("by-id-m1")
+    link.symlink_to(dev)
+    r = raid1fs("fail", mnt, link)
+    assert r.stdout.strip() == f"{dev}: failed", r.stdout
+    with open(mnt / "disk", "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(os.urandom(3 * MiB))
+        os.fsync(f.fileno())
+    r = raid1fs("add", mnt, dev, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "resync" in r.stdout, r.stdout
+    raid1fs("rebuild", "--wait", mnt)
+    assert member_state(status_json(mnt), dev) == "online"
+    r = raid1fs("fail", mnt, m1)  # the file it serves names it too
+    assert r.stdout.strip() == f"{dev}: failed", r.stdout
+    raid1fs("add", mnt, m1)
+    raid1fs("rebuild", "--wait", mnt)
+    raid1fs("umount", mnt)
+    assert data_region_hash(m1, status_json(dev, b)) == data_region_hash(b)
+
+
+def test_read_only_devices_are_refused_for_writing(env):
+    """A read-only block device (`losetup -r`) is refused by create, a
+    read-write mount, add and replace: one line naming it, and no member
+    changed (create used to write the other members first and then fail;
+    mount to fail it in the others' metadata); `mount -o ro` uses it."""
+    ro_img, other = _image(env, "ro.img"), env.path("e1.img")
+    dev = env.losetup(ro_img, readonly=True)
+    before = snapshot(ro_img, other)
+    line = assert_refused(raid1fs("create", "--kind", "disk", "--size", "16M", other, dev,
+                                  check=False), dev)
+    assert "read-only device" in line, line
+    assert_unchanged(before)
+
+    a, b = env.create("a.img", "b.img", size="16M")
+    run("losetup", "-d", dev)
+    dev = env.losetup(a, readonly=True)
+    before = snapshot(a, b)
+    mnt = env.mkdir("mnt-rw")
+    r = raid1fs("mount", dev, b, mnt, check=False)
+    if r.returncode == 0:
+        raid1fs("umount", mnt)
+    line = assert_refused(r, dev)
+    assert "read-only device" in line, line
+    assert_unchanged(before)
+    mnt = env.mount(dev, b, mp="mnt-ro", opts=["-o", "ro"])
+    assert status_json(mnt)["volume"]["state"] == "clean"
+    raid1fs("umount", mnt)
+    assert_unchanged(before)
+
+    c_img = _image(env, "c.img")
+    dev_c = env.losetup(c_img, readonly=True)
+    x, y = env.create("x.img", "y.img", size="16M")
+    mnt2 = env.mount(x, y, mp="mnt2")
+    before = snapshot(c_img)
+    for args in (["add", mnt2, dev_c], ["add", "--spare", mnt2, dev_c],
+                 ["replace", mnt2, x, dev_c]):
+        line = assert_refused(raid1fs(*args, check=False), dev_c)
+        assert "read-only device" in line, (args, line)
+    assert_unchanged(before)
+    assert status_json(mnt2)["volume"]["state"] == "clean"
+
+
+def test_create_finds_data_still_in_a_loop_devices_page_cache(env):
+    """Data written through a loop device that someone holds open is in the
+    device's page cache, not yet in the file it serves: create without
+    --force still finds it and refuses, and the data stays."""
+    img = _image(env, "d.img")
+    dev = env.losetup(img)
+    holder = os.open(dev, os.O_RDONLY)  # keeps the device's page cache alive
+    try:
+        fd = os.open(dev, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"IMPORTANT" * 1000, 4 * MiB)
+        finally:
+            os.close(fd)
+        line = assert_refused(raid1fs("create", "--kind", "disk", "--size", "16M", dev,
+                                      env.path("n.img"), check=False), dev)
+        assert "holds data" in line, line
+        assert not env.path("n.img").exists()
+        assert os.pread(holder, 9, 4 * MiB) == b"IMPORTANT"
+    finally:
+        os.close(holder)
+
+
+def test_umount_lets_the_others_go_when_closing_a_failed_device_hangs(env):
+    """A loop device member over a file on a hung faultfs, with writes still
+    in the device's page cache, failed by the operator: closing it writes
+    them back and hangs. `umount` still ends in about the I/O timeout, not
+    stuck, and the healthy member is free for the next mount at once."""
+    _, ffs = env.faultfs()
+    with open(ffs / "a.img", "wb") as f:
+        f.truncate(48 * MiB)
+    dev = env.losetup(ffs / "a.img")
+    b = env.path("b.img")
+    raid1fs("create", "--kind", "disk", "--size", "32M", dev, b)
+    mnt = env.mount(dev, b, opts=["--io-timeout", "2"])
+    try:
+        with open(mnt / "disk", "r+b") as f:
+            f.write(os.urandom(MiB))
+            os.fsync(f.fileno())
+        faultfs("set", ffs, "hang")
+        with open(mnt / "disk", "r+b") as f:  # into the loop device's page cache
+            f.seek(2 * MiB)
+            f.write(os.urandom(256 * 1024))
+        raid1fs("fail", mnt, dev)
+        pid = status_json(mnt)["daemon"]["pid"]
+        t0 = time.monotonic()
+        r = raid1fs("umount", mnt, check=False, timeout=90)
+        took = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        assert took < 15, f"umount took {took:.1f} s"
+        st = status_json(b)
+        assert not st["volume"].get("in_use"), st["volume"]
+        mnt2 = env.mount(b, mp="mnt2", opts=["--degraded"])
+        assert status_json(mnt2)["volume"]["state"] == "degraded"
+        raid1fs("umount", mnt2)
+    finally:
+        faultfs("set", ffs, "ok")
+    wait_for(lambda: process_gone(pid), what="the first mount process gone")
