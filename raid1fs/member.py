@@ -176,6 +176,10 @@ def open_member(path: str, writable: bool = True, lock: bool = True) -> int:
         if e.errno == errno.EBUSY:
             raise BadMemberError(f"{path}: device is busy (mounted or in use)") from None
         raise BadMemberError(f"{path}: cannot open: {e.strerror}") from None
+    if stat.S_ISBLK(st.st_mode) and device_size(fd) == 0:
+        os.close(fd)
+        raise BadMemberError(f"{path}: empty device (size 0: a loop device with no file "
+                             "attached?)")
     if writable and stat.S_ISBLK(st.st_mode) and _read_only_device(fd):
         # Opening it for writing works; every write fails (EPERM).
         os.close(fd)

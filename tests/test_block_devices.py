@@ -159,3 +159,18 @@ def test_umount_lets_the_others_go_when_closing_a_failed_device_hangs(env):
     finally:
         faultfs("set", ffs, "ok")
     wait_for(lambda: process_gone(pid), what="the first mount process gone")
+
+
+def test_a_loop_device_with_no_file_attached_is_named_so(env):
+    """A loop device node with nothing attached (size 0) is not called "not
+    a raid1fs member" or "too small": create, mount and status say it is
+    an empty device."""
+    free = run("losetup", "--find").stdout.strip()
+    a, b = env.create("a.img", "b.img", size="16M")
+    for args in (["create", "--kind", "disk", "--size", "16M", env.path("n.img"), free],
+                 ["mount", a, free, env.mkdir("mnt")], ["status", free]):
+        r = raid1fs(*args, check=False)
+        if r.returncode == 0 and args[0] == "mount":
+            raid1fs("umount", args[-1])
+        line = assert_refused(r, free)
+        assert "empty device" in line, (args, line)
