@@ -351,6 +351,8 @@ class Volume:
                     self.sb.events -= 1
                     if undo is not None:
                         undo(self.sb)
+                    if not errors:  # every member failed already
+                        raise VolumeIOError("no member is left to write metadata to")
                     raise VolumeIOError(
                         "metadata write failed on every in-sync member: "
                         + "; ".join(str(e) for e in errors.values()))
@@ -1035,11 +1037,16 @@ class Volume:
                 raise
             raise Raid1fsError(f"{away[1]}: not in this mount, so it gets no I/O already; "
                                "`raid1fs remove` it to drop it from the volume") from None
-        if x.state == m.FAILED:
-            raise Raid1fsError(f"{x.path}: already failed")
-        if x.state == m.ONLINE and len(self.online()) == 1:
-            raise Raid1fsError(f"{x.path}: refusing to fail the last in-sync member")
-        await self._commit(lambda sb: self._mark_failed(x, reason))
+
+        def change(sb: Superblock) -> bool:
+            # Checked under the commit's lock: two `fail`s at once must not
+            # both pass the check and fail every member between them.
+            if x.state == m.FAILED:
+                raise Raid1fsError(f"{x.path}: already failed")
+            if x.state == m.ONLINE and len(self.online()) == 1:
+                raise Raid1fsError(f"{x.path}: refusing to fail the last in-sync member")
+            return self._mark_failed(x, reason)
+        await self._commit(change)
         return x
 
     def _away(self, path: str) -> tuple[int, str] | None:
@@ -1188,74 +1195,81 @@ class Volume:
 
     async def replace(self, old: str, new: str) -> dict[str, Any]:
         """Rebuild `new` online; `old` keeps serving until then, then is removed."""
-        away = self._away(old)
-        if away is not None and self.sb.roster[away[0]].state == SPARE:
-            raise Raid1fsError(f"{away[1]}: is a spare (and not here), not in use; remove it "
-                               "and add the new one with --spare")
-        uuid = self.sb.roster[away[0]].uuid if away is not None else ""
-        if not uuid:
-            x = await self._find(old)
-            if x.state == m.SPARE:
-                raise Raid1fsError(f"{x.path}: is a spare, not in use; remove it and add "
-                                   "the new one with --spare")
-            if x.state == m.REBUILDING and x.rebuild is not None and x.rebuild.replaces:
-                raise Raid1fsError(f"{x.path}: is itself replacing another member")
-            uuid = x.uuid
-        if any(y.rebuild is not None and y.rebuild.replaces == uuid for y in self.members):
-            raise Raid1fsError(f"{old}: already being replaced")
-        # OLD not in this mount cannot be told, in its own metadata, that it
-        # left (what a member in the mount is told when the replace ends).
-        return {**await self._join(new, replaces=uuid), "old_told": away is None}
+        # Checked and begun under one lock: of two replaces of OLD at once,
+        # the second finds it already being replaced.
+        async with self._admin_lock:
+            away = self._away(old)
+            if away is not None and self.sb.roster[away[0]].state == SPARE:
+                raise Raid1fsError(f"{away[1]}: is a spare (and not here), not in use; remove "
+                                   "it and add the new one with --spare")
+            uuid = self.sb.roster[away[0]].uuid if away is not None else ""
+            if not uuid:
+                x = await self._find(old)
+                if x.state == m.SPARE:
+                    raise Raid1fsError(f"{x.path}: is a spare, not in use; remove it and add "
+                                       "the new one with --spare")
+                if x.state == m.REBUILDING and x.rebuild is not None and x.rebuild.replaces:
+                    raise Raid1fsError(f"{x.path}: is itself replacing another member")
+                uuid = x.uuid
+            if any(y.rebuild is not None and y.rebuild.replaces == uuid for y in self.members):
+                raise Raid1fsError(f"{old}: already being replaced")
+            # OLD not in this mount cannot be told, in its own metadata, that
+            # it left (what a member in the mount is told when the replace ends).
+            return {**await self._join_locked(new, replaces=uuid), "old_told": away is None}
 
-    async def _join(self, path: str, spare: bool = False, replaces: str = "") -> dict[str, Any]:
+    async def _join(self, path: str, spare: bool = False) -> dict[str, Any]:
+        async with self._admin_lock:
+            return await self._join_locked(path, spare)
+
+    async def _join_locked(self, path: str, spare: bool = False,
+                           replaces: str = "") -> dict[str, Any]:
         if self.readonly:
             raise Raid1fsError(f"{path}: the volume is mounted read-only")
         p = os.path.abspath(path)
-        async with self._admin_lock:
-            for y in [y for y in self._held if not y.workers.busy]:
-                self._held.remove(y)
-                self._release(y)
-            existing = await self._bounded(path, self._member_at, p, self.members + self._held)
-            if existing in self._held:
-                raise Raid1fsError(f"{path}: was removed from this volume while I/O to it "
-                                   "hung; it can be added again once that I/O ends or after "
-                                   "a remount")
-            if existing is not None:
-                if replaces:
-                    raise Raid1fsError(f"{path}: already a member of this volume "
-                                       f"({existing.state})")
-                named = path if p == existing.path else f"{path} (member {existing.path})"
-                return await self._readd(existing, spare, named)
-            nm = await self._bounded(
-                path, create.open_new_member, p, self.sb.data_offset + self.size,
-                self.sb.volume_uuid, undo=_drop_new)
-            try:
-                entry = self.sb.roster_entry(nm.old_sb.member_uuid) if nm.old_sb else None
-                if entry is not None and entry.state == SPARE:
-                    # A spare this mount was not given: it joins anew (as
-                    # asked: a spare, a member, a replacement), its old
-                    # roster entry dropped in the same commit.
-                    self.sb.drop(entry)
-                elif entry is not None and nm.old_sb is not None and not replaces:
-                    if entry.state in (*ABSENT_STATES, REBUILDING):
-                        # A member that was missing is back: re-add it.
-                        x = Member(p, nm.fd, nm.old_sb, self.io_timeout, m.STALE)
-                        self.members.append(x)
-                        self.missing[:] = [(sl, h) for sl, h in self.missing
-                                           if self.sb.roster[sl].uuid != x.uuid]
-                        return await self._readd(x, spare)
-                return await self._add_new(nm, spare, replaces)
-            except GivenUp:
-                # A thread may still write through nm.fd: the number must not
-                # name another file when it does. It goes to /dev/null and
-                # stays taken.
-                if not any(y.fd == nm.fd for y in self.members):
-                    _park_fd(nm.fd)
-                raise
-            except BaseException:
-                if not any(y.fd == nm.fd for y in self.members):
-                    _drop_new(nm)  # an image made for it goes again
-                raise
+        for y in [y for y in self._held if not y.workers.busy]:
+            self._held.remove(y)
+            self._release(y)
+        existing = await self._bounded(path, self._member_at, p, self.members + self._held)
+        if existing in self._held:
+            raise Raid1fsError(f"{path}: was removed from this volume while I/O to it "
+                               "hung; it can be added again once that I/O ends or after "
+                               "a remount")
+        if existing is not None:
+            if replaces:
+                raise Raid1fsError(f"{path}: already a member of this volume "
+                                   f"({existing.state})")
+            named = path if p == existing.path else f"{path} (member {existing.path})"
+            return await self._readd(existing, spare, named)
+        nm = await self._bounded(
+            path, create.open_new_member, p, self.sb.data_offset + self.size,
+            self.sb.volume_uuid, undo=_drop_new)
+        try:
+            entry = self.sb.roster_entry(nm.old_sb.member_uuid) if nm.old_sb else None
+            if entry is not None and entry.state == SPARE:
+                # A spare this mount was not given: it joins anew (as
+                # asked: a spare, a member, a replacement), its old
+                # roster entry dropped in the same commit.
+                self.sb.drop(entry)
+            elif entry is not None and nm.old_sb is not None and not replaces:
+                if entry.state in (*ABSENT_STATES, REBUILDING):
+                    # A member that was missing is back: re-add it.
+                    x = Member(p, nm.fd, nm.old_sb, self.io_timeout, m.STALE)
+                    self.members.append(x)
+                    self.missing[:] = [(sl, h) for sl, h in self.missing
+                                       if self.sb.roster[sl].uuid != x.uuid]
+                    return await self._readd(x, spare)
+            return await self._add_new(nm, spare, replaces)
+        except GivenUp:
+            # A thread may still write through nm.fd: the number must not
+            # name another file when it does. It goes to /dev/null and
+            # stays taken.
+            if not any(y.fd == nm.fd for y in self.members):
+                _park_fd(nm.fd)
+            raise
+        except BaseException:
+            if not any(y.fd == nm.fd for y in self.members):
+                _drop_new(nm)  # an image made for it goes again
+            raise
 
     def _member_at(self, path: str, among: list[Member]) -> Member | None:
         """The one of `among` this path names (under any name), if any."""

@@ -741,3 +741,60 @@ def test_a_remove_whose_commit_reaches_no_in_sync_member_changes_nothing(tmp_pat
         assert vol.sb.roster_entry(c.uuid) is None and c.uuid in vol.sb.removed
 
     _run(scenario, found)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_fails_at_once_never_fail_the_last_in_sync_member(tmp_path, n):
+    """`fail` of every member at the same moment: each is checked under the
+    commit's lock, so exactly one member stays in sync, and every other
+    `fail` either worked or was refused as the last in-sync member."""
+    from raid1fs.errors import Raid1fsError
+
+    vol, found = _engine_volume(tmp_path, n=n)
+    refused: list[str] = []
+
+    async def fail(path: str) -> None:
+        try:
+            await vol.fail(path)
+        except Raid1fsError as e:
+            refused.append(str(e))
+
+    async def scenario() -> None:
+        await vol.start()
+        async with trio.open_nursery() as nursery:
+            for x in vol.members:
+                nursery.start_soon(fail, x.path)
+        assert [x.state for x in vol.members].count("online") == 1
+        assert len(refused) == 1 and "last in-sync member" in refused[0], refused
+        await vol.shutdown()
+
+    _run(scenario, found)
+
+
+def test_two_replaces_of_one_member_at_once_start_one_rebuild(tmp_path):
+    """Two `replace A` with different NEW at the same moment: one is begun,
+    the other is refused as already being replaced (before, both were
+    checked before either began, and the volume grew a member)."""
+    from raid1fs.errors import Raid1fsError
+
+    vol, found = _engine_volume(tmp_path)
+    a = vol.members[0]
+    outcomes: list[str] = []
+
+    async def replace(new: str) -> None:
+        try:
+            await vol.replace(a.path, new)
+            outcomes.append("begun")
+        except Raid1fsError as e:
+            outcomes.append(str(e))
+
+    async def scenario() -> None:
+        await vol.start()
+        async with trio.open_nursery() as nursery:
+            for name in ("c.img", "d.img"):
+                nursery.start_soon(replace, str(tmp_path / name))
+        assert sorted(outcomes) == sorted(["begun", f"{a.path}: already being replaced"])
+        assert len(vol.members) == 3
+        await vol.shutdown()
+
+    _run(scenario, found)
