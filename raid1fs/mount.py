@@ -132,13 +132,42 @@ def check_mountpoint(req: MountRequest) -> str:
     return real  # where the kernel mounts it: what status shows, what umount needs
 
 
-def prepare(req: MountRequest) -> tuple[str, Plan]:
+def claim_mountpoint(real: str, given: str) -> socket.socket:
+    """One raid1fs mount process per mount point at a time, from its checks
+    until it has removed its control socket: two mounts started at once
+    would stack there (the lower one then unreachable), and one still
+    shutting down would remove the next one's socket. The claim is an
+    abstract unix socket named after the mount point: the kernel lets one
+    process bind it and frees it when that process ends, even by kill -9."""
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        claim.bind("\0raid1fs-mount-" + control.mount_key(real, resolved=True))
+    except OSError as e:
+        claim.close()
+        if e.errno != errno.EADDRINUSE:
+            raise
+        raise BadMemberError(f"{given}: another raid1fs mount process has this mount point "
+                             "(starting, or still shutting down); try again once it has "
+                             "ended") from None
+    return claim
+
+
+def prepare(req: MountRequest) -> tuple[str, Plan, socket.socket]:
     """Every check before anything is written (guarantee 9)."""
     if req.io_timeout <= 0:
         raise UsageError("--io-timeout must be greater than zero")
     # Before anything touches them here: a hung path fails the mount, not hangs it.
     probe.answer(req.members, req.io_timeout)
     mp = check_mountpoint(req)
+    claim = claim_mountpoint(mp, req.mountpoint)
+    try:
+        return mp, _assemble(req), claim
+    except BaseException:
+        claim.close()
+        raise
+
+
+def _assemble(req: MountRequest) -> Plan:
     members = req.members
     if not req.degraded:
         first_gone = next((p for p in req.members if _not_there(p)), None)
@@ -170,7 +199,7 @@ def prepare(req: MountRequest) -> tuple[str, Plan]:
         if hint not in named:
             print(f"raid1fs: {hint or f'slot {slot}'}: not given; mounting without it "
                   "(--degraded)", file=sys.stderr)
-    return mp, plan
+    return plan
 
 
 def fuse_options(req: MountRequest, name: str) -> set[str]:
@@ -215,8 +244,14 @@ def fuse_init(ops: DiskOperations, mountpoint: str, options: set[str]) -> None:
     raise Raid1fsError(f"{mountpoint}: FUSE mount failed: {why}")
 
 
-def set_readahead(mountpoint: str) -> None:
+def set_readahead(mountpoint: str, under: int) -> None:
+    """Raise the mount's readahead; `under` is the device of the directory
+    it was mounted on: a stat that lands there means the mount is gone
+    already (unmounted while it started), and nothing is changed there."""
     dev = os.stat(mountpoint).st_dev
+    if dev == under:
+        raise Raid1fsError(f"{mountpoint}: unmounted again (fusermount3 -u, umount) before the "
+                           "mount was usable")
     path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
     try:
         with open(path, "w") as f:
@@ -273,11 +308,13 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
     # timeout on a slow member) is acted on once it has started, with a
     # clean unmount, instead of killing the process and leaving a dead mount.
     stopped: list[str] = []
+    usable: list[bool] = []
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             events.start(nursery)
             # The FUSE mount first: a mount option it refuses must leave the
             # members as they were (start() writes their metadata).
+            under = os.stat(mountpoint).st_dev
             fuse_init(ops, mountpoint, fuse_options(req, plan.authority.name))
             try:
                 await volume.start(nursery)
@@ -286,8 +323,8 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
                 raise
             try:
                 await nursery.start(server.serve)
-                nursery.start_soon(_announce_ready, mountpoint, ready, stopped)
-                nursery.start_soon(_on_signals, signals, stopped)
+                nursery.start_soon(_announce_ready, mountpoint, under, ready, stopped, usable)
+                nursery.start_soon(_on_signals, signals, stopped, usable, mountpoint)
                 log.info("mounted volume %s (%s) at %s: %s", plan.authority.volume_uuid,
                          plan.authority.name, mountpoint, volume.state)
                 await pyfuse3.main(max_tasks=64)
@@ -343,27 +380,49 @@ class ReadyPipe:
             os.close(fd)
 
 
-async def _announce_ready(mountpoint: str, ready: ReadyPipe, stopped: list[str]) -> None:
+async def _announce_ready(mountpoint: str, under: int, ready: ReadyPipe,
+                          stopped: list[str], usable: list[bool]) -> None:
     # The stat goes through the kernel to our own loop: once it answers,
     # the mount is usable (unless a signal is taking it down again: then
     # the stat may fail as the connection is closed).
     try:
-        await trio.to_thread.run_sync(set_readahead, mountpoint)
+        await trio.to_thread.run_sync(set_readahead, mountpoint, under)
     except OSError:
         if stopped:
             return
         raise
+    except Raid1fsError as e:  # the loop ends by itself: the kernel closed the connection
+        ready.send(f"error 1: {e}")
+        return
     if not stopped:
+        usable.append(True)
         ready.send("ok")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-async def _on_signals(signals: AsyncIterator[int], stopped: list[str]) -> None:
+async def _on_signals(signals: AsyncIterator[int], stopped: list[str], usable: list[bool],
+                      mountpoint: str) -> None:
+    """SIGTERM, SIGINT, SIGHUP: unmount, as `raid1fs umount` does, and so
+    not while the disk is in use (a loop device attached to it): the file
+    system on it would lose its device, and with it what is not yet
+    written. Then the mount goes on serving, and says why. While the
+    mount is still starting, nothing can use it yet."""
     async for sig in signals:
-        log.warning("signal %d: unmounting", sig)
-        stopped.append(signal.Signals(sig).name)
+        name = signal.Signals(sig).name
+        if usable:
+            r = await trio.run_process(["fusermount3", "-u", mountpoint], check=False,
+                                       capture_stdout=True, capture_stderr=True)
+            said = (r.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]
+            if r.returncode and "busy" in said:
+                log.error("%s: not unmounting: %s is in use (%s); detach what uses it, or "
+                          "use `raid1fs umount`, which says what", name, mountpoint, said)
+                continue
+            if r.returncode:
+                log.warning("%s: fusermount3 -u failed (%s): unmounting anyway", name, said)
+        log.warning("%s: unmounting", name)
+        stopped.append(name)
         pyfuse3.terminate()
         return
 
@@ -428,10 +487,10 @@ def _deaf(sock_path: str) -> bool:
 
 def run(req: MountRequest) -> int:
     """The `mount` command. Returns the exit status."""
-    mountpoint, plan = prepare(req)
+    mountpoint, plan, claim = prepare(req)
     if req.foreground:
         setup_logging(None)
-        return _daemon_main(req, mountpoint, plan, None)
+        return _daemon_main(req, mountpoint, plan, None, claim)
     os.makedirs(control.run_dir(), mode=0o755, exist_ok=True)
     prune_run_dir(control.run_dir())
     logfile = log_path(mountpoint)  # resolved now, not once it is mounted
@@ -440,6 +499,7 @@ def run(req: MountRequest) -> int:
     if pid:
         os.close(w)
         close_all(plan.members)
+        claim.close()  # the daemon holds it
         msg = b""
         while chunk := os.read(r, 4096):
             msg += chunk
@@ -462,7 +522,7 @@ def run(req: MountRequest) -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     setup_logging(logfile)
-    _daemon_main(req, mountpoint, plan, w)
+    _daemon_main(req, mountpoint, plan, w, claim)
     os._exit(0)
 
 
@@ -482,7 +542,8 @@ async def _serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPip
         raise
 
 
-def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int | None) -> int:
+def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int | None,
+                 claim: socket.socket) -> int:
     status = 0
     ready = ReadyPipe(ready_fd)
     logfile = log_path(mountpoint)  # resolved now, not once it is mounted
@@ -502,6 +563,10 @@ def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int |
         ready.send(f"error 1: {req.mountpoint}: mount process failed: "
                    f"{type(leaf).__name__}: {leaf} (see {logfile})")
         status = 1
+    # Its control socket is gone: the mount point is free for the next
+    # mount, also while a thread stuck on a hung member keeps this process
+    # (and every file it has open) from ending.
+    claim.close()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -589,6 +589,8 @@ class Volume:
         """End a mount: stop rebuilds at a checkpoint, make data durable,
         clear the intent bitmap and mark every member clean."""
         self._stopping = True
+        async with self._admin_lock:
+            pass  # an add, replace or remove under way ends first; later ones are refused
         await self._stop_rebuilds()
         if self.readonly or not self.writable():
             self.mounted = False
@@ -1041,6 +1043,7 @@ class Volume:
         def change(sb: Superblock) -> bool:
             # Checked under the commit's lock: two `fail`s at once must not
             # both pass the check and fail every member between them.
+            self._refuse_if_stopping(x.path)
             if x.state == m.FAILED:
                 raise Raid1fsError(f"{x.path}: already failed")
             if x.state == m.ONLINE and len(self.online()) == 1:
@@ -1048,6 +1051,12 @@ class Volume:
             return self._mark_failed(x, reason)
         await self._commit(change)
         return x
+
+    def _refuse_if_stopping(self, path: str) -> None:
+        """Operator actions are refused once the unmount has begun: their
+        members may already be let go of, and the final commit written."""
+        if self._stopping:
+            raise Raid1fsError(f"{path}: nothing done: the volume is being unmounted")
 
     def _away(self, path: str) -> tuple[int, str] | None:
         """(slot, path) of a member of the roster that is not in this mount:
@@ -1078,6 +1087,7 @@ class Volume:
         # before an `add` of its path looks for it (else the add would find
         # it still locked by this mount).
         async with self._admin_lock:
+            self._refuse_if_stopping(path)
             return await self._remove(path)
 
     async def _remove(self, path: str) -> dict[str, Any]:
@@ -1198,6 +1208,7 @@ class Volume:
         # Checked and begun under one lock: of two replaces of OLD at once,
         # the second finds it already being replaced.
         async with self._admin_lock:
+            self._refuse_if_stopping(old)
             away = self._away(old)
             if away is not None and self.sb.roster[away[0]].state == SPARE:
                 raise Raid1fsError(f"{away[1]}: is a spare (and not here), not in use; remove "
@@ -1223,6 +1234,7 @@ class Volume:
 
     async def _join_locked(self, path: str, spare: bool = False,
                            replaces: str = "") -> dict[str, Any]:
+        self._refuse_if_stopping(path)
         if self.readonly:
             raise Raid1fsError(f"{path}: the volume is mounted read-only")
         p = os.path.abspath(path)
@@ -1346,6 +1358,7 @@ class Volume:
         """Resilver every member that needs it (`raid1fs rebuild`): resume
         stopped rebuilds and take up stale members. Failed members are not
         touched: re-add them with `add`."""
+        self._refuse_if_stopping("rebuild")
         if max_rate is not None:
             self.throttle.set(max_rate)
         if self.readonly:

@@ -798,3 +798,28 @@ def test_two_replaces_of_one_member_at_once_start_one_rebuild(tmp_path):
         await vol.shutdown()
 
     _run(scenario, found)
+
+
+def test_operator_actions_are_refused_once_the_unmount_has_begun(tmp_path):
+    """Once shutdown has begun (the final commit written, members about to
+    be let go), add, replace, remove, fail and rebuild are refused in one
+    line, and add creates no image (before, add made and initialised one,
+    then failed writing to members already closed)."""
+    from raid1fs.errors import Raid1fsError
+
+    vol, found = _engine_volume(tmp_path, n=3)
+    a, b, _ = vol.members
+    new = tmp_path / "new.img"
+
+    async def scenario() -> None:
+        await vol.start()
+        await vol.shutdown()
+        for action in (lambda: vol.add(str(new)), lambda: vol.replace(a.path, str(new)),
+                       lambda: vol.remove(b.path), lambda: vol.fail(b.path),
+                       vol.rebuild_all):
+            with pytest.raises(Raid1fsError, match="being unmounted"):
+                await action()
+        assert not new.exists()
+        assert [x.state for x in vol.members] == ["online"] * 3
+
+    _run(scenario, found)

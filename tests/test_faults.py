@@ -383,6 +383,43 @@ def _in_mount_table(real_path: str) -> bool:
         return any(line.split()[4] == real_path for line in f)
 
 
+def _interrupt_the_start(env, src, ffs, a, b, mnt, act) -> tuple[int, str, int]:
+    """`raid1fs mount a b mnt` in the background, a.img on faultfs `ffs`
+    (over `src`): once the FUSE mount exists and before the volume has
+    started (start() writes the members' metadata), the file system under
+    a.img is frozen, act(daemon pid) runs, and it is thawed. Returns the
+    mount command's exit status and stderr, and the daemon's pid."""
+    real_mnt = os.path.realpath(mnt)  # not once mounted: that waits for the start
+    env.cleanup.push(_unmount_raid1fs, str(mnt))
+    (ffs_pid,) = _processes_with("mount", str(src), str(ffs))
+    faultfs("set", ffs, "delay", "--delay", "0.2")  # start() takes a while
+    cmd = [sys.executable, "-m", "raid1fs", "mount", str(a), str(b), str(mnt)]
+    mount = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    frozen = False
+    try:
+        # (Seen in the mount table alone: a stat of the mount point would
+        # wait for the mount to serve requests, that is, for the start.)
+        wait_for(lambda: _in_mount_table(real_mnt), timeout=60, what="the FUSE mount",
+                 interval=0.002)
+        os.kill(ffs_pid, signal.SIGSTOP)
+        frozen = True
+        daemon = [p for p in _processes_with("mount", str(mnt)) if p != mount.pid]
+        assert len(daemon) == 1, daemon
+        assert mount.poll() is None, "the mount was usable already: no start to interrupt"
+        act(daemon[0])
+        os.kill(ffs_pid, signal.SIGCONT)
+        frozen = False
+        _, err = mount.communicate(timeout=60)
+    finally:
+        if frozen:
+            os.kill(ffs_pid, signal.SIGCONT)
+        if mount.poll() is None:
+            mount.kill()
+    wait_for(lambda: process_gone(daemon[0]), timeout=30, what="the mount process to exit")
+    faultfs("set", ffs, "ok")
+    return mount.returncode, err, daemon[0]
+
+
 def test_a_signal_while_the_volume_starts_unmounts_it_cleanly(env):
     """SIGTERM to the mount process while the volume is still starting (its
     metadata writes held up: the file system under a member is frozen): once
@@ -392,40 +429,95 @@ def test_a_signal_while_the_volume_starts_unmounts_it_cleanly(env):
     src, ffs = env.faultfs()
     a, b = env.create(ffs / "a.img", "b.img", size="16M")
     mnt = env.mkdir("mnt")
-    real_mnt = os.path.realpath(mnt)
-    env.cleanup.push(_unmount_raid1fs, str(mnt))
-    (ffs_pid,) = _processes_with("mount", str(src), str(ffs))
-    faultfs("set", ffs, "delay", "--delay", "0.2")  # start() takes a while
-    cmd = [sys.executable, "-m", "raid1fs", "mount", str(a), str(b), str(mnt)]
-    mount = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    frozen = False
-    try:
-        # The FUSE mount exists before the volume has started (start()
-        # writes the members' metadata): freeze a.img's file system then.
-        # (Seen in the mount table alone: a stat of the mount point would
-        # wait for the mount to serve requests, that is, for the start.)
-        wait_for(lambda: _in_mount_table(real_mnt), timeout=60, what="the FUSE mount",
-                 interval=0.005)
-        os.kill(ffs_pid, signal.SIGSTOP)
-        frozen = True
-        daemon = [p for p in _processes_with("mount", str(mnt)) if p != mount.pid]
-        assert len(daemon) == 1, daemon
-        assert mount.poll() is None, "the mount was usable already: no start to interrupt"
-        os.kill(daemon[0], signal.SIGTERM)
+
+    def term(pid: int) -> None:
+        os.kill(pid, signal.SIGTERM)
         time.sleep(0.5)
-        os.kill(ffs_pid, signal.SIGCONT)
-        frozen = False
-        _, err = mount.communicate(timeout=60)
-    finally:
-        if frozen:
-            os.kill(ffs_pid, signal.SIGCONT)
-        if mount.poll() is None:
-            mount.kill()
-    assert mount.returncode not in (0, 2)
+
+    code, err, _ = _interrupt_the_start(env, src, ffs, a, b, mnt, term)
+    assert code not in (0, 2)
     assert f"{mnt}: stopped by SIGTERM before the mount was usable" in one_line(err), err
-    wait_for(lambda: process_gone(daemon[0]), timeout=30, what="the mount process to exit")
     assert mounts_at(mnt) == [], "a FUSE mount was left behind"
-    faultfs("set", ffs, "ok")
     st = status_json(a, b)
     assert st["volume"]["state"] == "clean", st
     assert raid1fs("status", a, b, check=False).returncode == 0
+
+
+def test_unmounted_while_it_starts_the_mount_fails_and_changes_nothing_under_it(env):
+    """`fusermount3 -u` of the mount point while the volume is still
+    starting: `raid1fs mount` fails saying so (it used to exit 0 with
+    nothing mounted), and the readahead of the file system under the mount
+    point is left as it was (it used to be set to raid1fs's 1024 KiB)."""
+    src, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="16M")
+    img = env.path("under.img")
+    with open(img, "wb") as f:
+        f.truncate(32 * MiB)
+    dev = env.losetup(img)
+    run("mkfs.ext4", "-q", dev)
+    mnt = env.mount_fs(dev, "under") / "mnt"
+    mnt.mkdir()
+    st = os.stat(mnt)
+    ra = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+    with open(ra) as f:
+        ra_before = f.read()
+    code, err, _ = _interrupt_the_start(env, src, ffs, a, b, mnt,
+                                        lambda _: run("fusermount3", "-u", mnt, timeout=30))
+    assert code not in (0, 2), err
+    assert "unmounted again" in one_line(err), err
+    with open(ra) as f:
+        assert f.read() == ra_before
+    assert status_json(a, b)["volume"]["state"] == "clean"
+
+
+def test_a_signal_while_the_disk_is_in_use_does_not_unmount_it(env):
+    """SIGTERM to the mount process while a loop device holds its disk: it
+    does not pull the device from under the file system on it (which then
+    lost what it had not written) but keeps serving and logs why, as
+    `raid1fs umount` refuses; once the loop device is detached, SIGTERM
+    unmounts cleanly."""
+    (a, b), mnt = env.volume(size="32M")
+    pid = status_json(mnt)["daemon"]["pid"]
+    loop = env.losetup(mnt / "disk")
+    data = os.urandom(MiB)
+    with open(loop, "r+b") as f:
+        f.write(data)  # in the loop device's page cache
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(1.5)
+        assert os.path.ismount(mnt), "unmounted with its disk in use"
+        os.fsync(f.fileno())
+    assert status_json(mnt)["volume"]["state"] == "clean"
+    run("losetup", "-d", loop)
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: process_gone(pid), timeout=60, what="the mount process to exit")
+    assert not os.path.ismount(mnt)
+    st = status_json(a, b)
+    assert st["volume"]["state"] == "clean" and st["volume"]["clean_shutdown"], st["volume"]
+    off = st["members"][0]["data_offset"]
+    assert sha256(a, off, MiB) == sha256(b, off, MiB) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_mount_still_shutting_down_keeps_its_mount_point_until_it_ends(env):
+    """A mount process still shutting down after `fusermount3 -u` (its
+    --on-event command has not finished) holds its mount point: a new
+    mount there is refused in one line instead of stacking on it, and once
+    the old one has ended the new mount works and answers `status` (the old
+    one used to remove the new one's control socket as it ended)."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    c, d = env.create("c.img", "d.img", size="16M")
+    mnt = env.mount(a, b, opts=["--on-event", "sleep 3"])
+    pid = status_json(mnt)["daemon"]["pid"]
+    raid1fs("fail", mnt, a)  # an event: its command runs for 3 s
+    run("fusermount3", "-u", mnt)
+    wait_for(lambda: not os.path.ismount(mnt), what="the unmount")
+    assert not process_gone(pid), "the mount process ended at once: nothing to test"
+    r = raid1fs("mount", c, d, mnt, check=False)
+    if r.returncode == 0:
+        env.cleanup.push(_unmount_raid1fs, str(mnt))
+    assert r.returncode not in (0, 2), r.stdout
+    line = one_line(r.stderr)
+    assert str(mnt) in line and "still shutting down" in line, line
+    wait_for(lambda: process_gone(pid), timeout=30, what="the old mount process to exit")
+    raid1fs("mount", c, d, mnt)
+    assert status_json(mnt)["volume"]["state"] == "clean"
+    raid1fs("umount", mnt)
