@@ -16,6 +16,7 @@ import stat
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from raid1fs import member as m
@@ -49,7 +50,8 @@ class Target:
     size: int = 0
 
 
-def holds_data(fd: int, is_block: bool, path: str = "") -> bool:
+def holds_data(fd: int, is_block: bool, path: str = "",
+               alive: Callable[[], None] = lambda: None) -> bool:
     """Does the member hold anything but zeros (create and add would
     overwrite it)?
 
@@ -58,11 +60,12 @@ def holds_data(fd: int, is_block: bool, path: str = "") -> bool:
     file it serves. Any other block device cannot be read whole in
     reasonable time: its first and last DATA_SCAN_LIMIT bytes are read, and
     `blkid` looks for the signature of a file system, partition table or
-    volume manager anywhere on it.
+    volume manager anywhere on it. `alive` is called after every read (a
+    caller that times the scan times each read).
     """
     end = m.device_size(fd)
     if not is_block:
-        return _extents_hold_data(fd, 0, end)
+        return _extents_hold_data(fd, 0, end, alive)
     loop = m.loop_backing(fd)
     if loop is not None:
         backing, start = loop
@@ -75,16 +78,16 @@ def holds_data(fd: int, is_block: bool, path: str = "") -> bool:
             pass
         else:
             try:
-                return _extents_hold_data(bfd, start, start + end)
+                return _extents_hold_data(bfd, start, start + end, alive)
             finally:
                 os.close(bfd)
     head = min(end, DATA_SCAN_LIMIT)
-    return (_range_holds_data(fd, 0, head)
-            or _range_holds_data(fd, max(head, end - DATA_SCAN_LIMIT), end)
+    return (_range_holds_data(fd, 0, head, alive)
+            or _range_holds_data(fd, max(head, end - DATA_SCAN_LIMIT), end, alive)
             or bool(path and _signature(path)))
 
 
-def _extents_hold_data(fd: int, lo: int, hi: int) -> bool:
+def _extents_hold_data(fd: int, lo: int, hi: int, alive: Callable[[], None]) -> bool:
     """A non-zero byte in [lo, hi) of a regular file, read only where it has data."""
     pos = lo
     while pos < hi:
@@ -95,16 +98,17 @@ def _extents_hold_data(fd: int, lo: int, hi: int) -> bool:
         if pos >= hi:
             return False
         hole = min(os.lseek(fd, pos, os.SEEK_HOLE), hi)
-        if _range_holds_data(fd, pos, hole):
+        if _range_holds_data(fd, pos, hole, alive):
             return True
         pos = hole
     return False
 
 
-def _range_holds_data(fd: int, lo: int, hi: int) -> bool:
+def _range_holds_data(fd: int, lo: int, hi: int, alive: Callable[[], None]) -> bool:
     pos = lo
     while pos < hi:
         chunk = os.pread(fd, min(8 << 20, hi - pos), pos)
+        alive()
         if not chunk:
             return False
         if chunk.count(0) != len(chunk):
@@ -326,7 +330,8 @@ class NewMember:
     old_sb: Superblock | None  # it carries metadata of this volume already
 
 
-def open_new_member(path: str, member_bytes: int, volume_uuid: str) -> NewMember:
+def open_new_member(path: str, member_bytes: int, volume_uuid: str,
+                    alive: Callable[[], None] = lambda: None) -> NewMember:
     """Check and open a member to add; every check before anything is written.
 
     A new path becomes a sparse image file. An existing file or device must
@@ -359,7 +364,7 @@ def open_new_member(path: str, member_bytes: int, volume_uuid: str) -> NewMember
             if old.volume_uuid != volume_uuid:
                 raise BadMemberError(f"{path}: belongs to raid1fs volume "
                                      f"{old.name or old.volume_uuid} (wipe it first)")
-        elif holds_data(fd, stat.S_ISBLK(os.fstat(fd).st_mode), path):
+        elif holds_data(fd, stat.S_ISBLK(os.fstat(fd).st_mode), path, alive):
             raise BadMemberError(f"{path}: holds data (wipe it first; add never overwrites data)")
         return NewMember(path, fd, False, old)
     except OSError as e:

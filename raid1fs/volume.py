@@ -260,15 +260,24 @@ class Volume:
 
     async def _bounded(self, path: str, fn: Callable[..., T], *args: Any,
                        undo: Callable[[T], object] | None = None,
-                       outcome: str = "not added") -> T:
+                       outcome: str = "not added", progress: bool = False) -> T:
         """fn(*args) in a thread, given up after the I/O timeout with a
         one-line error naming `path`. A call that returns after it was given
-        up is undone (`undo(result)`), so it leaves nothing behind."""
+        up is undone (`undo(result)`), so it leaves nothing behind.
+
+        progress=True: fn also gets `alive=`, a function it calls after each
+        step of a long job (reading a whole image for data, say); the
+        timeout then applies to each step, not to the whole call."""
         lock = threading.Lock()
         box: dict[str, Any] = {}
+        beat = [time.monotonic()]
+        finished = trio.Event()
+
+        def alive() -> None:
+            beat[0] = time.monotonic()
 
         def run() -> T:
-            r = fn(*args)
+            r = fn(*args, alive=alive) if progress else fn(*args)
             with lock:
                 if box.get("abandoned"):
                     if undo is not None:
@@ -277,15 +286,34 @@ class Volume:
                     box["result"] = r
             return r
 
-        with trio.move_on_after(self.io_timeout):
-            # A limiter of its own: threads still hung on given-up calls
-            # must not use up a shared one, or every later call (a healthy
-            # path's too) would wait for a token and be given up as well.
+        async def call() -> None:
             try:
-                return await trio.to_thread.run_sync(run, abandon_on_cancel=True,
-                                                     limiter=trio.CapacityLimiter(1))
-            except OSError as e:  # an I/O error the call did not put in words
-                raise Raid1fsError(f"{path}: I/O failed: {e.strerror or e}; {outcome}") from None
+                # A limiter of its own: threads still hung on given-up calls
+                # must not use up a shared one, or every later call (a
+                # healthy path's too) would wait for a token and be given up
+                # as well.
+                await trio.to_thread.run_sync(run, abandon_on_cancel=True,
+                                              limiter=trio.CapacityLimiter(1))
+            except Exception as e:  # noqa: BLE001 - handed to the caller below
+                box["error"] = e
+            finished.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            while not finished.is_set():
+                left = beat[0] + self.io_timeout - time.monotonic()
+                if left <= 0:
+                    break
+                with trio.move_on_after(left):
+                    await finished.wait()
+            nursery.cancel_scope.cancel()
+        if finished.is_set():
+            e = box.get("error")
+            if isinstance(e, OSError):  # an I/O error the call did not put in words
+                raise Raid1fsError(f"{path}: I/O failed: {e.strerror or e}; {outcome}")
+            if e is not None:
+                raise e
+            return box["result"]
         with lock:
             box["abandoned"] = True
             late = box.pop("result", None)  # returned just as it was given up
@@ -1254,7 +1282,7 @@ class Volume:
             return await self._readd(existing, spare, named)
         nm = await self._bounded(
             path, create.open_new_member, p, self.sb.data_offset + self.size,
-            self.sb.volume_uuid, undo=_drop_new)
+            self.sb.volume_uuid, undo=_drop_new, progress=True)
         try:
             entry = self.sb.roster_entry(nm.old_sb.member_uuid) if nm.old_sb else None
             if entry is not None and entry.state == SPARE:

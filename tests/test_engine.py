@@ -823,3 +823,34 @@ def test_operator_actions_are_refused_once_the_unmount_has_begun(tmp_path):
         assert [x.state for x in vol.members] == ["online"] * 3
 
     _run(scenario, found)
+
+
+def test_add_reads_a_large_image_for_data_without_giving_up_on_it(tmp_path, monkeypatch):
+    """`add` of an existing image reads all of it for data; each read is
+    timed, not the whole scan: an image that takes longer than --io-timeout
+    to read, but answers every read at once, is added (it used to be given
+    up on as hung, "no answer within the I/O timeout")."""
+    import types
+
+    from raid1fs import create
+
+    vol, found = _engine_volume(tmp_path, io_timeout=0.5)
+    z = tmp_path / "z.img"
+    with open(z, "wb") as f:
+        f.write(bytes(48 << 20))  # written zeros: every byte is read
+
+    def slow_pread(fd: int, n: int, off: int) -> bytes:
+        time.sleep(0.1)  # 6 reads of 8 MiB: 0.6 s in all, each well in time
+        return os.pread(fd, n, off)
+
+    slow_os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os)
+                                       if not k.startswith("__")})
+    slow_os.pread = slow_pread
+    monkeypatch.setattr(create, "os", slow_os)
+
+    async def scenario() -> None:
+        await vol.start()
+        assert (await vol.add(str(z)))["state"] == "rebuilding"
+        await vol.shutdown()
+
+    _run(scenario, found)
