@@ -185,7 +185,9 @@ def cmd_umount(a: argparse.Namespace) -> int:
     report = _exit_report(mp)
     r = subprocess.run(["fusermount3", "-u", os.path.realpath(mp)], capture_output=True,
                        text=True)
-    if r.returncode:
+    if r.returncode and control.mounted_fstype(os.path.realpath(mp)) != "fuse.raid1fs":
+        pass  # unmounted meanwhile (another umount): wait for the mount process as well
+    elif r.returncode:
         msg = (r.stderr.strip().splitlines() or ["unmount failed"])[-1]
         msg = msg.removeprefix("fusermount3: ")
         loops = _loops_over(os.path.join(os.path.realpath(mp), "disk"))

@@ -219,6 +219,8 @@ def request(mountpoint: str, cmd: str, timeout: float = 120.0, **args: Any) -> A
         except (ConnectionRefusedError, FileNotFoundError):
             last_error = "stale control socket"
             continue
+        except ConnectionResetError:
+            buf = b""  # dropped as the process ended: said below
         except TimeoutError:
             raise ControlError(
                 f"{mountpoint}: the mount did not answer within {timeout:g} s") from None

@@ -690,3 +690,25 @@ def test_umount_refused_while_a_loop_device_holds_the_disk_names_it(env):
     line = one_line(r.stderr)
     assert str(mnt) in line and f"{loop} attached to its disk" in line, line
     assert os.path.ismount(mnt) and status_json(mnt)["volume"]["state"] == "clean"
+
+
+def test_umounts_at_the_same_time_all_succeed(env):
+    """Three `raid1fs umount` of one mount at once: the mount ends with its
+    members clean; each command exits 0, or, when the mount was gone before
+    it asked, says so (one that asked while the mount was there and then
+    lost the race to unmount it used to fail with fusermount3's "Invalid
+    argument")."""
+    (a, b), mnt = env.volume(size="16M")
+    cmd = [sys.executable, "-m", "raid1fs", "umount", str(mnt)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [(p.wait(60), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert any(code == 0 for code, _ in results), results
+    for code, err in results:
+        assert code == 0 or ("not a raid1fs mount point" in err
+                             or "ended before answering" in err), results
+    assert not os.path.ismount(mnt)
+    assert status_json(a, b)["volume"]["state"] == "clean"
