@@ -809,3 +809,41 @@ if __name__ == "__main__":
     if mode == "ext4":
         sys.exit(_ext4_writer(args[0], args[1], int(args[2])))
     sys.exit(f"unknown mode {mode}")
+
+
+def test_a_read_only_mount_after_a_crash_reads_one_member_and_changes_none(env):
+    """kill -9 right after a write, B's copy of it then made different (as
+    if the write had not reached it): `mount -o ro` resyncs nothing (it may
+    not write) and so serves reads from one member only, the other shown
+    stale, so a block reads the same every time; no member is changed. The
+    next read-write mount resyncs, and the members end identical."""
+    a, b = env.create("a.img", "b.img", size="32M")
+    mnt = env.mount(a, b)
+    with open(mnt / "disk", "r+b") as f:
+        f.seek(4 * MiB)
+        f.write(os.urandom(MiB))
+        os.fsync(f.fileno())
+    kill_daemon(mnt)
+    run("fusermount3", "-uz", mnt)
+    off = status_json(a, b)["members"][0]["data_offset"]
+    with open(b, "r+b") as f:
+        f.seek(off + 4 * MiB)
+        f.write(os.urandom(MiB))
+    before = (sha256(a), sha256(b))
+    raid1fs("mount", "-o", "ro", a, b, mnt)
+    st = status_json(mnt)
+    states = sorted(m["state"] for m in st["members"])
+    assert states == ["online", "stale"], st["members"]
+    reads = set()
+    for _ in range(4):
+        drop_cache(mnt / "disk")
+        with open(mnt / "disk", "rb") as f:
+            f.seek(4 * MiB)
+            reads.add(hashlib.sha256(f.read(MiB)).hexdigest())
+    assert len(reads) == 1
+    raid1fs("umount", mnt)
+    assert (sha256(a), sha256(b)) == before
+    raid1fs("mount", a, b, mnt)
+    raid1fs("rebuild", "--wait", mnt)
+    raid1fs("umount", mnt)
+    assert data_region_hash(a) == data_region_hash(b)

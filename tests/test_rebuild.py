@@ -23,6 +23,7 @@ from conftest import (
     NOBODY,
     MiB,
     data_region_hash,
+    drop_cache,
     faultfs,
     member_entry,
     member_state,
@@ -806,3 +807,95 @@ def test_rebuild_wait_reports_only_the_rebuilds_it_waited_for(env):
     r = raid1fs("rebuild", "--wait", "--max-rate", "0", mnt)
     assert f"{c}: full done" in r.stdout, r.stdout
     assert str(s) not in r.stdout, r.stdout
+
+
+def test_a_member_missing_at_mount_is_added_back_and_sent_only_what_it_missed(env):
+    """A 256 MiB volume mounted --degraded without B; 3 MiB written; then
+    `raid1fs add` of B to the running mount: it is recognised as the
+    missing member (not a new one: the mirror stays 2-way), resynced with
+    only the regions written while it was away, and ends byte-identical."""
+    a, b = env.create("a.img", "b.img", size="256M")
+    mnt = env.mount(a, opts=["--degraded"])
+    st = status_json(mnt)
+    assert paths_and_states(st) == [(str(a), "online"), (str(b), "missing")], st["members"]
+    fsync_write(mnt / "disk", [(10 * MiB, os.urandom(2 * MiB)), (200 * MiB, os.urandom(MiB))])
+    r = raid1fs("add", mnt, b)
+    assert "resync" in r.stdout and "wider" not in r.stdout, r.stdout
+    raid1fs("rebuild", "--wait", mnt)
+    st = status_json(mnt)
+    assert paths_and_states(st) == [(str(a), "online"), (str(b), "online")], st["members"]
+    assert st["volume"]["members_expected"] == 2, st["volume"]
+    last = member_entry(st, b)["last_rebuild"]
+    assert last["kind"] == "resync" and 3 * MiB <= last["copied_bytes"] <= 8 * MiB, last
+    raid1fs("umount", mnt)
+    assert status_json(a, b)["volume"]["state"] == "clean"
+    assert data_region_hash(a) == data_region_hash(b)
+
+
+def test_a_rebuild_whose_only_source_fails_to_read_stops_and_resumes(env):
+    """A (on faultfs) is the only member in sync, C rebuilds from it under
+    a rate limit; A's reads then fail
+    (faultfs eio-read): the rebuild stops with the reason in status and
+    `rebuild --wait` exits 1 naming it, nothing is marked in sync that was
+    not copied, A stays online (its writes work). Once A reads again,
+    `raid1fs rebuild` resumes and C ends byte-identical to A."""
+    src, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="64M")
+    mnt = env.mount(a, b, opts=["--max-rebuild-rate", "8M"])
+    fsync_write(mnt / "disk", [(0, os.urandom(64 * MiB))])
+    raid1fs("fail", mnt, b)
+    raid1fs("remove", mnt, b)
+    c = env.path("c.img")
+    raid1fs("add", mnt, c)
+    wait_for(lambda: (rebuild_of(mnt, c) or {}).get("done_bytes", 0) > 4 * MiB,
+             what="the rebuild under way")
+    faultfs("set", ffs, "eio-read")
+    try:
+        drop_cache(a)
+        r = raid1fs("rebuild", "--wait", "--max-rate", "unlimited", mnt, check=False, timeout=120)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        st = status_json(mnt)
+        rb = member_entry(st, c)["rebuild"]
+        assert member_state(st, c) == "rebuilding", st["members"]
+        assert 0 < rb["done_bytes"] < rb["total_bytes"], rb
+        assert str(a) in (rb.get("error") or ""), rb
+        assert member_state(st, a) == "online"
+    finally:
+        faultfs("set", ffs, "ok")
+    r = raid1fs("rebuild", "--wait", mnt, check=False, timeout=120)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    raid1fs("umount", mnt)
+    assert status_json(a, c)["volume"]["state"] == "clean"
+    assert data_region_hash(a) == data_region_hash(c)
+
+
+def test_a_replacement_that_fails_mid_rebuild_leaves_the_old_member_serving(env):
+    """`replace B C`, C on faultfs; C's writes fail mid-rebuild (eio-write):
+    C is failed (the volume shows degraded while it lists it), the replace
+    ends, B stays online and in the volume, the volume still writes; `remove
+    C` then leaves the volume clean as it was before, A and B identical."""
+    _, ffs = env.faultfs()
+    (a, b), mnt = env.volume(size="64M", opts=["--max-rebuild-rate", "8M"])
+    fsync_write(mnt / "disk", [(0, os.urandom(64 * MiB))])
+    c = ffs / "c.img"
+    raid1fs("replace", mnt, b, c)
+    wait_for(lambda: (rebuild_of(mnt, c) or {}).get("done_bytes", 0) > 4 * MiB,
+             what="the rebuild under way")
+    faultfs("set", ffs, "eio-write")
+    try:
+        wait_for(lambda: member_state(status_json(mnt), c) == "failed", timeout=60,
+                 what="C failed")
+        fsync_write(mnt / "disk", [(MiB, os.urandom(MiB))])  # the volume still writes
+        st = status_json(mnt)
+        assert st["volume"]["state"] == "degraded", st
+        assert member_state(st, a) == member_state(st, b) == "online", st["members"]
+        assert member_entry(st, b)["rebuild"] is None
+    finally:
+        faultfs("set", ffs, "ok")
+    raid1fs("remove", mnt, c)
+    st = status_json(mnt)
+    assert paths_and_states(st) == [(str(a), "online"), (str(b), "online")]
+    assert st["volume"]["state"] == "clean" and st["volume"]["members_expected"] == 2
+    raid1fs("umount", mnt)
+    assert status_json(a, b)["volume"]["state"] == "clean"
+    assert data_region_hash(a) == data_region_hash(b)
