@@ -6,7 +6,9 @@ B on the plain file system; faults are switched while everything runs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
 import random
 import signal
@@ -521,3 +523,43 @@ def test_a_mount_still_shutting_down_keeps_its_mount_point_until_it_ends(env):
     raid1fs("mount", c, d, mnt)
     assert status_json(mnt)["volume"]["state"] == "clean"
     raid1fs("umount", mnt)
+
+
+def test_io_that_fails_on_every_member_reaches_the_caller_as_eio(env):
+    """Both members on one faultfs that returns EIO for everything: a
+    write, an fsync and a read of the disk each get EIO (no member could
+    apply them), no member is failed for it (the last in-sync ones are
+    kept) and the volume is not left unusable: once the file system
+    answers again, writes and reads work and the members agree."""
+    _, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", ffs / "b.img", size="16M")
+    mnt = env.mount(a, b)
+    fd = os.open(mnt / "disk", os.O_RDWR | os.O_DIRECT)
+    buf = mmap.mmap(-1, MiB)
+    buf.write(os.urandom(MiB))
+    try:
+        faultfs("set", ffs, "eio")
+        try:
+            with pytest.raises(OSError) as e:
+                os.pwritev(fd, [buf], 0)
+            assert e.value.errno == errno.EIO
+            with pytest.raises(OSError) as e:
+                os.fsync(fd)
+            assert e.value.errno == errno.EIO
+            with pytest.raises(OSError) as e:
+                os.preadv(fd, [mmap.mmap(-1, MiB)], 2 * MiB)
+            assert e.value.errno == errno.EIO
+            st = status_json(mnt)
+            assert [m["state"] for m in st["members"]] == ["online", "online"], st["members"]
+        finally:
+            faultfs("set", ffs, "ok")
+        assert os.pwritev(fd, [buf], 0) == MiB
+        os.fsync(fd)
+        back = mmap.mmap(-1, MiB)
+        assert os.preadv(fd, [back], 0) == MiB and back[:] == buf[:]
+    finally:
+        os.close(fd)
+    raid1fs("umount", mnt)
+    st = status_json(a, b)
+    assert st["volume"]["state"] == "clean", st
+    assert data_region_hash(a) == data_region_hash(b)
