@@ -64,6 +64,7 @@ class Found:
     problems: list[str] = field(default_factory=list)
     state: str = ""
     note: str = ""  # why it is judged so, when that is not plain from the roster
+    ident: tuple[object, ...] | None = None  # fd_identity(fd)
 
 
 @dataclass
@@ -139,7 +140,7 @@ def read_members(paths: list[str], writable: bool = True, lock: bool = True) -> 
             except BaseException:
                 m.close_member(fd)
                 raise
-            found.append(Found(p, fd, sb, problems))
+            found.append(Found(p, fd, sb, problems, ident=fd_identity(fd)))
             have, need = m.device_size(fd), sb.data_offset + sb.size
             if have < need:  # cut short since (truncated, a smaller device)
                 raise BadMemberError(

@@ -248,9 +248,13 @@ class MemberStats:
 class Member:
     """One open member of a running volume."""
 
-    def __init__(self, path: str, fd: int, sb: Superblock, timeout: float, state: str) -> None:
+    def __init__(self, path: str, fd: int, sb: Superblock, timeout: float, state: str,
+                 ident: tuple[object, ...] | None = None) -> None:
         self.path = path
         self.fd = fd
+        # What makes another path name this member (raid1fs.assemble.identity),
+        # taken when it was opened: asking its fd later could hang with it.
+        self.ident = ident
         self.sb = sb
         self.timeout = timeout
         self.state = state

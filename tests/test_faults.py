@@ -563,3 +563,35 @@ def test_io_that_fails_on_every_member_reaches_the_caller_as_eio(env):
     st = status_json(a, b)
     assert st["volume"]["state"] == "clean", st
     assert data_region_hash(a) == data_region_hash(b)
+
+
+def test_a_hung_member_does_not_stop_add_replace_or_fail_of_others(env):
+    """A member hangs and is failed; its I/O is still stuck in the kernel.
+    `replace` of it by an existing image, and `fail` of another member by
+    another of its names, still work: members are matched by identities
+    taken when they were opened, not by asking their files again (a stat of
+    the hung one used to hang the command, which then blamed the healthy
+    path for not answering)."""
+    _, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="16M")
+    mnt = env.mount(a, b, opts=["--io-timeout", "1.5"])
+    c = env.path("c.img")
+    with open(c, "wb") as f:
+        f.truncate(32 * MiB)
+    faultfs("set", ffs, "hang")
+    try:
+        with open(mnt / "disk", "r+b") as f:
+            f.write(os.urandom(MiB))
+            os.fsync(f.fileno())
+        assert member_state(status_json(mnt), a) == "failed"
+        r = raid1fs("replace", mnt, a, c, check=False, timeout=60)
+        assert r.returncode == 0, r.stderr
+        raid1fs("rebuild", "--wait", mnt, timeout=60)
+        link = env.path("c-link")
+        link.symlink_to(c)
+        r = raid1fs("fail", mnt, link, check=False, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == f"{c}: failed", (r.stdout, r.stderr)
+    finally:
+        faultfs("set", ffs, "ok")
+    st = status_json(mnt)
+    assert member_state(st, b) == "online" and str(a) not in [m["path"] for m in st["members"]]
