@@ -332,13 +332,19 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
                 with trio.CancelScope(shield=True):
                     log.info("unmounted: flushing and marking members clean")
                     in_use = set(volume.writable())
+                    unclean = ""
                     try:
                         await volume.shutdown()
                     except Raid1fsError as e:
                         log.error("shutdown: %s", e)
+                        unclean = str(e)
+                    if volume.regions.suspect and not unclean:
+                        unclean = ("writes given up on after the I/O timeout may have landed "
+                                   "on some members only")
                     _report_exit(sock_path,
                                  [{"path": x.path, "reason": x.fail_reason}
-                                  for x in volume.members if x in in_use and x.state == "failed"])
+                                  for x in volume.members if x in in_use and x.state == "failed"],
+                                 unclean)
                     pyfuse3.close(unmount=True)
                     volume.let_go()
                     log.info("members clean; exiting")
@@ -349,14 +355,14 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
                 nursery.cancel_scope.cancel()
 
 
-def _report_exit(sock_path: str, failed: list[dict[str, str]]) -> None:
+def _report_exit(sock_path: str, failed: list[dict[str, str]], unclean: str) -> None:
     """What `raid1fs umount` tells the operator once this process is gone."""
     path = control.exit_report_path(sock_path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"failed": failed}, f)
+            json.dump({"failed": failed, "unclean": unclean}, f)
     except OSError as e:
         log.warning("%s: cannot write: %s", path, e.strerror)
 

@@ -136,7 +136,9 @@ def format_human(st: dict[str, Any]) -> str:
         lines.append(f" mounted: no, but {', '.join(v['in_use'])} held by another raid1fs "
                      "process (an offline command, or a mount still exiting)")
     else:
-        shut = "clean" if v.get("clean_shutdown") else "NOT clean (stopped without unmounting)"
+        shut = "clean" if v.get("clean_shutdown") else ("NOT clean (killed, or some writes not "
+                                                       "known to be on every member): the "
+                                                       "next mount resyncs what may differ")
         lines.append(f" mounted: no; last shutdown {shut}")
     lines.append(f"  events: {v['events']}")
     if v.get("split_brain"):

@@ -595,3 +595,27 @@ def test_a_hung_member_does_not_stop_add_replace_or_fail_of_others(env):
         faultfs("set", ffs, "ok")
     st = status_json(mnt)
     assert member_state(st, b) == "online" and str(a) not in [m["path"] for m in st["members"]]
+
+
+def test_umount_says_so_when_the_final_flush_fails_on_the_last_member(env):
+    """B failed, A (the last in-sync member) hangs in the final flush of
+    `raid1fs umount`: the unmount works (exit 0), but says that the members
+    were not marked clean and the next mount resyncs (it used to say
+    nothing), and that mount does."""
+    _, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="16M")
+    mnt = env.mount(a, b, opts=["--io-timeout", "1.5"])
+    raid1fs("fail", mnt, b)
+    with open(mnt / "disk", "r+b") as f:
+        f.write(os.urandom(MiB))
+    faultfs("set", ffs, "hang")
+    try:
+        r = raid1fs("umount", mnt, check=False, timeout=60)
+    finally:
+        faultfs("set", ffs, "ok")
+    assert r.returncode == 0, r.stderr
+    assert "the final flush failed" in r.stderr and "not marked clean" in r.stderr, r.stderr
+    st = status_json(a, b)
+    assert not st["volume"]["clean_shutdown"], st["volume"]
+    mnt = env.mount(a, b, mp="mnt2")
+    assert member_state(status_json(mnt), a) == "online"
