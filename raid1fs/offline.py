@@ -13,7 +13,7 @@ import sys
 
 import trio
 
-from raid1fs import progress
+from raid1fs import probe, progress
 from raid1fs.assemble import Plan, assemble, close_all, read_members
 from raid1fs.errors import BadMemberError
 from raid1fs.events import EventSink
@@ -53,8 +53,8 @@ def run(paths: list[str], max_rate: int | None) -> int:
 
 
 async def _rebuild(plan: Plan, max_rate: int | None) -> int:
-    volume = Volume(plan, events=EventSink(plan.authority.volume_uuid),
-                    max_rebuild_rate=max_rate)
+    volume = Volume(plan, io_timeout=probe.default_timeout(),
+                    events=EventSink(plan.authority.volume_uuid), max_rebuild_rate=max_rate)
     printer = progress.Printer()
     async with trio.open_nursery() as nursery:
         try:

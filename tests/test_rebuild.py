@@ -14,6 +14,8 @@ import random
 import re
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -899,3 +901,40 @@ def test_a_replacement_that_fails_mid_rebuild_leaves_the_old_member_serving(env)
     raid1fs("umount", mnt)
     assert status_json(a, b)["volume"]["state"] == "clean"
     assert data_region_hash(a) == data_region_hash(b)
+
+
+def test_offline_rebuild_gives_up_on_a_hung_member_after_raid1fs_io_timeout(env):
+    """The offline `raid1fs rebuild` copies to A (on faultfs), which then
+    hangs: A is failed after RAID1FS_IO_TIMEOUT seconds (2 here), not after
+    the mount's default 30, and the outcome is printed then (the process
+    itself ends only once the hung call returns: the kernel holds it)."""
+    src, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="64M")
+    mnt = env.mount(b, opts=["--degraded"])
+    fsync_write(mnt / "disk", [(0, os.urandom(64 * MiB))])
+    raid1fs("umount", mnt)
+    cmd = [sys.executable, "-m", "raid1fs", "rebuild", "--max-rate", "8M", str(a), str(b)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "RAID1FS_IO_TIMEOUT": "2"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        time.sleep(1.5)
+        faultfs("set", ffs, "hang")
+        hung_at = time.monotonic()
+        wait_for(lambda: any("volume degraded" in ln for ln in lines), timeout=20,
+                 what="the outcome")
+        assert time.monotonic() - hung_at < 10, lines
+        assert any(f"{a}: failed" in ln for ln in lines), lines
+    finally:
+        faultfs("set", ffs, "ok")
+        try:
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            reader.join(10)
+    assert proc.returncode == 1, lines
+    st = status_json(a, b)
+    assert member_state(st, a) != "online" and member_state(st, b) == "online", st["members"]
