@@ -947,6 +947,7 @@ class Volume:
         lock = await self._ranges.acquire(lo, hi)
         try:
             data = None
+            why = "no in-sync member to copy from"
             for src in read_balance(self.online(), lo):
                 if src.state != m.ONLINE:
                     continue  # failed, or left the volume, while others were tried
@@ -956,9 +957,11 @@ class Volume:
                 except MemberIOError as e:
                     src.stats.read_errors += 1
                     src.stats.note_error()
-                    p.error = f"cannot read {src.path} at {lo}: {e.reason}"
+                    why = f"cannot read {src.path} at {lo}: {e.reason}"
+                    if isinstance(e, MemberTimeoutError) and len(self.online()) > 1:
+                        await self._commit(self._failer({src: e}))  # guarantee 4, as reads
             if data is None:
-                p.error = p.error or "no in-sync member to copy from"
+                p.error = why  # (a source that failed while another served is no error)
                 log.error("rebuild of %s stopped: %s", x.path, p.error)
                 return False
             if x.state != m.REBUILDING:

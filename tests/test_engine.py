@@ -854,3 +854,32 @@ def test_add_reads_a_large_image_for_data_without_giving_up_on_it(tmp_path, monk
         await vol.shutdown()
 
     _run(scenario, found)
+
+
+def test_a_rebuild_source_that_times_out_is_failed_and_the_copy_goes_on(tmp_path):
+    """A rebuild copies a chunk; the first source it tries gives no answer
+    in time: that source is failed (guarantee 4, as for a read), the chunk
+    comes from the other, and the rebuild shows no error (it used to keep
+    "cannot read ..." while copying on fine)."""
+    from raid1fs.bitmap import Bitmap
+    from raid1fs.errors import MemberTimeoutError
+
+    vol, found = _engine_volume(tmp_path, n=3)
+    a, b, c = vol.members
+
+    async def hung(offset: int, length: int) -> bytes:
+        raise MemberTimeoutError(a.path, "read", "no answer within the 30 s I/O timeout")
+
+    async def scenario() -> None:
+        await vol.start()
+        rl = vol.regions
+        vol._set_rebuilding(c, vol.sb.roster_entry(c.uuid), Bitmap.full(rl.nregions, rl.nbytes),
+                            full=True)
+        a.pread = hung  # type: ignore[method-assign]
+        b.stats.latency, b.stats.last_read_at = 1.0, time.monotonic()  # a is tried first
+        assert await vol._copy(c, 0, 1 << 20)
+        assert a.state == "failed" and b.state == "online"
+        assert not c.rebuild.error
+        await vol.shutdown()
+
+    _run(scenario, found)
