@@ -1081,7 +1081,15 @@ class Volume:
             if x.state == m.ONLINE and len(self.online()) == 1:
                 raise Raid1fsError(f"{x.path}: refusing to fail the last in-sync member")
             return self._mark_failed(x, reason)
-        await self._commit(change)
+        try:
+            await self._commit(change)
+        except VolumeIOError as e:
+            if x.state != m.FAILED:
+                raise
+            # It is failed here (no I/O goes to it; it cannot be taken back:
+            # writes may have left it out already), but no member says so.
+            raise VolumeIOError(f"{x.path}: failed in this mount, but that could not be "
+                                f"recorded ({e}); writes get I/O errors until it can be") from None
         return x
 
     def _refuse_if_stopping(self, path: str) -> None:

@@ -883,3 +883,29 @@ def test_a_rebuild_source_that_times_out_is_failed_and_the_copy_goes_on(tmp_path
         await vol.shutdown()
 
     _run(scenario, found)
+
+
+def test_a_fail_that_cannot_be_recorded_says_it_took_effect_in_this_mount(tmp_path,
+                                                                           monkeypatch):
+    """`fail A` whose commit reaches no in-sync member (B's metadata writes
+    fail): A stays failed in this mount (writes may have left it out
+    already), and the error says so, instead of a bare "metadata write
+    failed" that reads as if nothing happened."""
+    from raid1fs import volume as vmod
+    from raid1fs.errors import VolumeIOError
+
+    vol, found = _engine_volume(tmp_path)
+    a, b = vol.members
+
+    async def scenario() -> None:
+        await vol.start()
+        monkeypatch.setattr(vmod, "write_superblock", _eio_on({b.fd}, vmod.write_superblock))
+        with pytest.raises(VolumeIOError) as e:
+            await vol.fail(a.path)
+        assert str(e.value).startswith(f"{a.path}: failed in this mount, but that could not "
+                                       "be recorded"), str(e.value)
+        assert a.state == "failed" and b.state == "online"
+        monkeypatch.undo()
+        await vol.shutdown()
+
+    _run(scenario, found)
