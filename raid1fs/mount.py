@@ -17,6 +17,7 @@ finished mount process alive.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -156,18 +157,31 @@ def prepare(req: MountRequest) -> tuple[str, Plan, socket.socket]:
     """Every check before anything is written (guarantee 9)."""
     if req.io_timeout <= 0:
         raise UsageError("--io-timeout must be greater than zero")
-    # Before anything touches them here: a hung path fails the mount, not hangs it.
-    probe.answer(req.members, req.io_timeout)
+    # Before anything touches them here: a hung path fails the mount, not hangs it;
+    # with --degraded it is left out, like one that is not there.
+    stuck = []
+    if req.degraded:
+        stuck = probe.hung(req.members, req.io_timeout)
+        if stuck and len(stuck) == len(req.members):
+            raise probe.no_answer(stuck[0], req.io_timeout)
+        for p in stuck:
+            print(f"raid1fs: {p}: no answer within {req.io_timeout:g} s; mounting without it "
+                  "(--degraded)", file=sys.stderr)
+        req = dataclasses.replace(req, members=[p for p in req.members
+                                                if os.path.abspath(p) not in stuck])
+    else:
+        probe.answer(req.members, req.io_timeout)
     mp = check_mountpoint(req)
     claim = claim_mountpoint(mp, req.mountpoint)
     try:
-        return mp, _assemble(req), claim
+        return mp, _assemble(req, stuck), claim
     except BaseException:
         claim.close()
         raise
 
 
-def _assemble(req: MountRequest) -> Plan:
+def _assemble(req: MountRequest, said: list[str]) -> Plan:
+    """The members' plan; `said`: members left out already, and said so."""
     members = req.members
     if not req.degraded:
         first_gone = next((p for p in req.members if _not_there(p)), None)
@@ -194,7 +208,7 @@ def _assemble(req: MountRequest) -> Plan:
     except BaseException:
         close_all(found)
         raise
-    named = {os.path.abspath(p) for p in req.members}  # those not there: said above
+    named = {os.path.abspath(p) for p in req.members + said}  # those not there: said above
     for slot, hint in plan.needed:
         if hint not in named:
             print(f"raid1fs: {hint or f'slot {slot}'}: not given; mounting without it "

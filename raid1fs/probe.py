@@ -57,52 +57,57 @@ def _touch(path: str) -> None:
 def answer(paths: list[str], timeout: float | None = None) -> None:
     """Raise BadMemberError naming the first of `paths` that does not
     answer within `timeout` seconds (default: default_timeout())."""
-    if not paths:
-        return
-    paths = [os.path.abspath(p) for p in paths]
     timeout = default_timeout() if timeout is None else timeout
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: no Python clean-up, no flushing of shared buffers
-        status = 0
-        try:
-            os.close(r)
-            # It may outlive the command (stuck): it must not hold the
-            # command's output open, or whoever reads it waits for it too.
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            for i, p in enumerate(paths):
+    stuck = hung(paths, timeout)
+    if stuck:
+        raise no_answer(stuck[0], timeout)
+
+
+def no_answer(path: str, timeout: float) -> BadMemberError:
+    return BadMemberError(f"{path}: no answer within {timeout:g} s (a hung file system or "
+                          "device?); nothing was changed")
+
+
+def hung(paths: list[str], timeout: float | None = None) -> list[str]:
+    """Those of `paths` (made absolute) that do not answer within `timeout`
+    seconds, each asked by a child of its own, all at once."""
+    timeout = default_timeout() if timeout is None else timeout
+    asking: dict[int, tuple[str, int]] = {}  # read end -> (path, child pid)
+    for p in (os.path.abspath(p) for p in paths):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no Python clean-up, no flushing of shared buffers
+            status = 0
+            try:
+                os.close(r)
+                # It may outlive the command (stuck): it must not hold the
+                # command's output open, or whoever reads it waits for it too.
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
                 _touch(p)
-                os.write(w, b"%d\n" % i)
-        except BaseException:
-            status = 1
-        os._exit(status)
-    os.close(w)
-    done = 0
-    ended = False
-    buf = b""
+            except BaseException:
+                status = 1
+            os._exit(status)  # closing w: the answer
+        os.close(w)
+        asking[r] = (p, pid)
     deadline = time.monotonic() + timeout
     try:
-        while not ended:
+        while asking:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            ready, _, _ = select.select([r], [], [], left)
-            if not ready:
-                continue
-            chunk = os.read(r, 4096)
-            ended = not chunk  # the child is done (or died: then the command finds out)
-            buf += chunk
-            done = buf.count(b"\n")
+            ready, _, _ = select.select(list(asking), [], [], left)
+            for r in ready:
+                os.read(r, 1)  # end of file: the child is done (or died: the command finds out)
+                os.close(r)
+                os.waitpid(asking.pop(r)[1], 0)
     finally:
-        os.close(r)
-    if ended or done >= len(paths):
-        os.waitpid(pid, 0)
-        return
-    try:
-        os.kill(pid, signal.SIGKILL)  # ends it if it can be ended; not waited for
-    except OSError:
-        pass
-    raise BadMemberError(f"{paths[done]}: no answer within {timeout:g} s (a hung file system "
-                         "or device?); nothing was changed")
+        for r, (_, pid) in asking.items():
+            os.close(r)
+            try:
+                os.kill(pid, signal.SIGKILL)  # ends it if it can be ended; not waited for
+            except OSError:
+                pass
+    stuck = {p for p, _ in asking.values()}
+    return [p for p in (os.path.abspath(p) for p in paths) if p in stuck]

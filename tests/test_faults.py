@@ -619,3 +619,33 @@ def test_umount_says_so_when_the_final_flush_fails_on_the_last_member(env):
     assert not st["volume"]["clean_shutdown"], st["volume"]
     mnt = env.mount(a, b, mp="mnt2")
     assert member_state(status_json(mnt), a) == "online"
+
+
+def test_mount_degraded_leaves_out_a_member_that_does_not_answer(env):
+    """`mount --degraded` with A on a hung file system: A is left out as if
+    it were not there (said on stderr) and the volume mounts degraded from
+    B, instead of being refused; without --degraded the mount is refused
+    naming A. Back, A is stale and resynced."""
+    _, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", "b.img", size="16M")
+    mnt = env.mkdir("mnt")
+    faultfs("set", ffs, "hang")
+    try:
+        r = raid1fs("mount", "--io-timeout", "1.5", a, b, mnt, check=False, timeout=60)
+        assert r.returncode == 1 and str(a) in one_line(r.stderr), r.stderr
+        env.cleanup.push(_unmount_raid1fs, str(mnt))
+        r = raid1fs("mount", "--degraded", "--io-timeout", "1.5", a, b, mnt, timeout=60)
+        assert f"{a}: no answer within 1.5 s; mounting without it (--degraded)" in r.stderr, \
+            r.stderr
+        assert r.stderr.count(str(a)) == 1, r.stderr
+        st = status_json(mnt)
+        assert st["volume"]["state"] == "degraded" and member_state(st, a) == "missing", st
+        with open(mnt / "disk", "r+b") as f:
+            f.write(os.urandom(MiB))
+        raid1fs("umount", mnt)
+    finally:
+        faultfs("set", ffs, "ok")
+    raid1fs("mount", a, b, mnt)
+    raid1fs("rebuild", "--wait", mnt)
+    raid1fs("umount", mnt)
+    assert data_region_hash(a) == data_region_hash(b)
