@@ -335,14 +335,19 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
             except BaseException:
                 pyfuse3.close(unmount=True)
                 raise
+            signal_scope = trio.CancelScope()
             try:
                 await nursery.start(server.serve)
                 nursery.start_soon(_announce_ready, mountpoint, under, ready, stopped, usable)
-                nursery.start_soon(_on_signals, signals, stopped, usable, mountpoint)
+                nursery.start_soon(_on_signals, signals, stopped, usable, mountpoint,
+                                   signal_scope)
                 log.info("mounted volume %s (%s) at %s: %s", plan.authority.volume_uuid,
                          plan.authority.name, mountpoint, volume.state)
                 await pyfuse3.main(max_tasks=64)
             finally:
+                # No signal acts on this mount from now on: it is ending already
+                # (and its session is closed below: pyfuse3.terminate would crash).
+                signal_scope.cancel()
                 with trio.CancelScope(shield=True):
                     log.info("unmounted: flushing and marking members clean")
                     in_use = set(volume.writable())
@@ -423,28 +428,35 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 async def _on_signals(signals: AsyncIterator[int], stopped: list[str], usable: list[bool],
-                      mountpoint: str) -> None:
+                      mountpoint: str, scope: trio.CancelScope) -> None:
     """SIGTERM, SIGINT, SIGHUP: unmount, as `raid1fs umount` does, and so
     not while the disk is in use (a loop device attached to it): the file
     system on it would lose its device, and with it what is not yet
     written. Then the mount goes on serving, and says why. While the
-    mount is still starting, nothing can use it yet."""
-    async for sig in signals:
-        name = signal.Signals(sig).name
-        if usable:
-            r = await trio.run_process(["fusermount3", "-u", mountpoint], check=False,
-                                       capture_stdout=True, capture_stderr=True)
-            said = (r.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]
-            if r.returncode and "busy" in said:
-                log.error("%s: not unmounting: %s is in use (%s); detach what uses it, or "
-                          "use `raid1fs umount`, which says what", name, mountpoint, said)
-                continue
-            if r.returncode:
-                log.warning("%s: fusermount3 -u failed (%s): unmounting anyway", name, said)
-        log.warning("%s: unmounting", name)
-        stopped.append(name)
-        pyfuse3.terminate()
-        return
+    mount is still starting, nothing can use it yet: it is ended at once.
+    `scope` is cancelled when the mount ends by other means."""
+    with scope:
+        async for sig in signals:
+            name = signal.Signals(sig).name
+            stopped.append(name)
+            if usable:
+                try:
+                    r = await trio.run_process(["fusermount3", "-u", mountpoint], check=False,
+                                               capture_stdout=True, capture_stderr=True)
+                except OSError as e:
+                    log.warning("%s: cannot run fusermount3 (%s): unmounting lazily", name, e)
+                else:
+                    said = (r.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]
+                    if r.returncode:
+                        stopped.remove(name)
+                        log.error("%s: not unmounting: %s (%s); detach what uses it, or use "
+                                  "`raid1fs umount`, which says what", name, mountpoint, said)
+                        continue
+                    log.warning("%s: unmounted", name)
+                    return  # the kernel ends the connection, and with it pyfuse3.main
+            log.warning("%s: unmounting", name)
+            pyfuse3.terminate()
+            return
 
 
 def setup_logging(path: str | None) -> None:

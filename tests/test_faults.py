@@ -649,3 +649,30 @@ def test_mount_degraded_leaves_out_a_member_that_does_not_answer(env):
     raid1fs("rebuild", "--wait", mnt)
     raid1fs("umount", mnt)
     assert data_region_hash(a) == data_region_hash(b)
+
+
+@pytest.mark.parametrize("opts", [["-o", "ro"], []], ids=["ro", "rw"])
+def test_sigterm_to_a_foreground_mount_ends_it_cleanly_every_time(env, opts):
+    """SIGTERM to `raid1fs mount -f`, several times over: the unmount it
+    does ends the mount, which exits 0 with the members clean (a signal
+    that was still being handled as the mount ended used to make it call
+    into a closed FUSE session and die of SIGSEGV, now and then)."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    mnt = env.mkdir("mnt")
+    env.cleanup.push(_unmount_raid1fs, str(mnt))
+    cmd = [sys.executable, "-m", "raid1fs", "mount", "-f", *opts, str(a), str(b), str(mnt)]
+    for _ in range(4):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            wait_for(lambda: _in_mount_table(os.path.realpath(env.tmp)
+                                             + "/mnt") and status_json(mnt), timeout=30,
+                     what="the mount")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, (proc.returncode, err[-2000:])
+        assert not os.path.ismount(mnt)
+        assert status_json(a, b)["volume"]["clean_shutdown"]
