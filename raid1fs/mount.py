@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -133,27 +134,29 @@ def check_mountpoint(req: MountRequest) -> str:
     return real  # where the kernel mounts it: what status shows, what umount needs
 
 
-def claim_mountpoint(real: str, given: str) -> socket.socket:
+def claim_mountpoint(real: str, given: str) -> int:
     """One raid1fs mount process per mount point at a time, from its checks
     until it has removed its control socket: two mounts started at once
     would stack there (the lower one then unreachable), and one still
-    shutting down would remove the next one's socket. The claim is an
-    abstract unix socket named after the mount point: the kernel lets one
-    process bind it and frees it when that process ends, even by kill -9."""
-    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    shutting down would remove the next one's socket. The claim is a lock
+    on a file named after the mount point in the run directory (only its
+    owner can make files there), which the kernel drops when the process
+    ends, even by kill -9. Returns its descriptor (close it to let go)."""
+    d = control.run_dir()
+    os.makedirs(d, mode=0o755, exist_ok=True)
+    path = os.path.join(d, control.mount_key(real, resolved=True) + ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        claim.bind("\0raid1fs-mount-" + control.mount_key(real, resolved=True))
-    except OSError as e:
-        claim.close()
-        if e.errno != errno.EADDRINUSE:
-            raise
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
         raise BadMemberError(f"{given}: another raid1fs mount process has this mount point "
                              "(starting, or still shutting down); try again once it has "
                              "ended") from None
-    return claim
+    return fd
 
 
-def prepare(req: MountRequest) -> tuple[str, Plan, socket.socket]:
+def prepare(req: MountRequest) -> tuple[str, Plan, int]:
     """Every check before anything is written (guarantee 9)."""
     if req.io_timeout <= 0:
         raise UsageError("--io-timeout must be greater than zero")
@@ -176,7 +179,7 @@ def prepare(req: MountRequest) -> tuple[str, Plan, socket.socket]:
     try:
         return mp, _assemble(req, stuck), claim
     except BaseException:
-        claim.close()
+        os.close(claim)
         raise
 
 
@@ -531,7 +534,7 @@ def run(req: MountRequest) -> int:
     if pid:
         os.close(w)
         close_all(plan.members)
-        claim.close()  # the daemon holds it
+        os.close(claim)  # the daemon holds it
         msg = b""
         while chunk := os.read(r, 4096):
             msg += chunk
@@ -575,7 +578,7 @@ async def _serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPip
 
 
 def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int | None,
-                 claim: socket.socket) -> int:
+                 claim: int) -> int:
     status = 0
     ready = ReadyPipe(ready_fd)
     logfile = log_path(mountpoint)  # resolved now, not once it is mounted
@@ -598,7 +601,7 @@ def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int |
     # Its control socket is gone: the mount point is free for the next
     # mount, also while a thread stuck on a hung member keeps this process
     # (and every file it has open) from ending.
-    claim.close()
+    os.close(claim)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -712,3 +712,32 @@ def test_umounts_at_the_same_time_all_succeed(env):
                              or "ended before answering" in err), results
     assert not os.path.ismount(mnt)
     assert status_json(a, b)["volume"]["state"] == "clean"
+
+
+def test_another_user_cannot_hold_a_mount_point_against_root(env):
+    """The claim a mount process holds on its mount point cannot be taken by
+    another user first: `nobody`, running raid1fs's own claim for the mount
+    point, is refused, and root's mount there works (an abstract socket
+    named after the mount point, as the claim first was, could be bound by
+    anyone and blocked every mount there)."""
+    a, b = env.create("a.img", "b.img", size="16M")
+    mnt = env.mkdir("mnt")
+    code = ("import sys, time\n"
+            "from raid1fs.mount import claim_mountpoint\n"
+            "try:\n"
+            "    claim_mountpoint(sys.argv[1], sys.argv[1])\n"
+            "except OSError as e:\n"
+            "    print('refused', e, flush=True); sys.exit(0)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(30)\n")
+    pw = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+    holder = subprocess.Popen([*pw, sys.executable, "-c", code, os.path.realpath(mnt)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = holder.stdout.readline()
+        assert said.startswith("refused"), (said, holder.stderr.read() if holder.poll() else "")
+        mnt = env.mount(a, b)
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert status_json(mnt)["volume"]["state"] == "clean"
