@@ -64,7 +64,7 @@ class Found:
     problems: list[str] = field(default_factory=list)
     state: str = ""
     note: str = ""  # why it is judged so, when that is not plain from the roster
-    ident: tuple[object, ...] | None = None  # fd_identity(fd)
+    idents: frozenset[tuple[object, ...]] = frozenset()  # fd_identities(fd)
 
 
 @dataclass
@@ -93,10 +93,15 @@ def identity(path: str) -> tuple[object, ...]:
     return _identity(st, m.backing_file_of(path) if stat.S_ISBLK(st.st_mode) else None)
 
 
-def fd_identity(fd: int) -> tuple[object, ...]:
-    """identity() of an open member."""
+def fd_identities(fd: int) -> frozenset[tuple[object, ...]]:
+    """Every identity() a path naming this open member can have: a loop
+    device's own, and that of the file it serves (the one identity() gives
+    while the file is there; the device's, once it was deleted or renamed)."""
     st = os.fstat(fd)
-    return _identity(st, m.loop_backing_file(fd) if stat.S_ISBLK(st.st_mode) else None)
+    if not stat.S_ISBLK(st.st_mode):
+        return frozenset({_identity(st, None)})
+    backing = m.loop_backing_file(fd)
+    return frozenset({_identity(st, None)} | ({identity(backing)} if backing else set()))
 
 
 def _identity(st: os.stat_result, backing: str | None) -> tuple[object, ...]:
@@ -134,13 +139,14 @@ def read_members(paths: list[str], writable: bool = True, lock: bool = True) -> 
             fd = m.open_member(p, writable=writable, lock=lock)
             try:
                 sb, problems = read_superblock(fd, p)
+                idents = fd_identities(fd)
             except OSError as e:
                 m.close_member(fd)
                 raise BadMemberError(f"{p}: cannot read: {e.strerror}") from None
             except BaseException:
                 m.close_member(fd)
                 raise
-            found.append(Found(p, fd, sb, problems, ident=fd_identity(fd)))
+            found.append(Found(p, fd, sb, problems, idents=idents))
             have, need = m.device_size(fd), sb.data_offset + sb.size
             if have < need:  # cut short since (truncated, a smaller device)
                 raise BadMemberError(

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from raid1fs import member as m
-from raid1fs.assemble import check_distinct, fd_identity
+from raid1fs.assemble import check_distinct, fd_identities
 from raid1fs.errors import BadMemberError, MetadataError, UsageError
 from raid1fs.sizes import format_size
 from raid1fs.superblock import (
@@ -328,7 +328,7 @@ class NewMember:
     fd: int
     created: bool  # a new sparse image: reads as zeros
     old_sb: Superblock | None  # it carries metadata of this volume already
-    ident: tuple[object, ...] | None = None  # raid1fs.assemble.fd_identity
+    idents: frozenset[tuple[object, ...]] = frozenset()  # raid1fs.assemble.fd_identities
 
 
 def open_new_member(path: str, member_bytes: int, volume_uuid: str,
@@ -346,7 +346,12 @@ def open_new_member(path: str, member_bytes: int, volume_uuid: str,
     except FileNotFoundError:
         t = _inspect(path, force=False)  # parent checks
         fd = _open_all([t], member_bytes)[0]
-        return NewMember(path, fd, True, None, fd_identity(fd))
+        try:
+            return NewMember(path, fd, True, None, fd_identities(fd))
+        except OSError as e:
+            m.close_member(fd)
+            os.unlink(path)
+            raise BadMemberError(f"{path}: cannot stat: {e.strerror}") from None
     except OSError as e:
         raise BadMemberError(f"{path}: cannot access: {e.strerror}") from None
     fd = m.open_member(path, writable=True)
@@ -367,7 +372,7 @@ def open_new_member(path: str, member_bytes: int, volume_uuid: str,
                                      f"{old.name or old.volume_uuid} (wipe it first)")
         elif holds_data(fd, stat.S_ISBLK(os.fstat(fd).st_mode), path, alive):
             raise BadMemberError(f"{path}: holds data (wipe it first; add never overwrites data)")
-        return NewMember(path, fd, False, old, fd_identity(fd))
+        return NewMember(path, fd, False, old, fd_identities(fd))
     except OSError as e:
         m.close_member(fd)
         raise BadMemberError(f"{path}: cannot read: {e.strerror}") from None

@@ -249,12 +249,12 @@ class Member:
     """One open member of a running volume."""
 
     def __init__(self, path: str, fd: int, sb: Superblock, timeout: float, state: str,
-                 ident: tuple[object, ...] | None = None) -> None:
+                 idents: frozenset[tuple[object, ...]] = frozenset()) -> None:
         self.path = path
         self.fd = fd
         # What makes another path name this member (raid1fs.assemble.identity),
         # taken when it was opened: asking its fd later could hang with it.
-        self.ident = ident
+        self.idents = idents
         self.sb = sb
         self.timeout = timeout
         self.state = state

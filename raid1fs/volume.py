@@ -164,7 +164,7 @@ class Volume:
         self.sync = sync
         self.readonly = readonly
         self.events = events or EventSink(self.sb.volume_uuid)
-        self.members = [Member(f.path, f.fd, f.sb, io_timeout, f.state, f.ident)
+        self.members = [Member(f.path, f.fd, f.sb, io_timeout, f.state, f.idents)
                         for f in plan.members]
         for x, f in zip(self.members, plan.members, strict=True):
             x.fail_reason = f.note
@@ -1305,7 +1305,7 @@ class Volume:
             elif entry is not None and nm.old_sb is not None and not replaces:
                 if entry.state in (*ABSENT_STATES, REBUILDING):
                     # A member that was missing is back: re-add it.
-                    x = Member(p, nm.fd, nm.old_sb, self.io_timeout, m.STALE, nm.ident)
+                    x = Member(p, nm.fd, nm.old_sb, self.io_timeout, m.STALE, nm.idents)
                     self.members.append(x)
                     self.missing[:] = [(sl, h) for sl, h in self.missing
                                        if self.sb.roster[sl].uuid != x.uuid]
@@ -1330,7 +1330,7 @@ class Volume:
         except OSError:
             return None
         for x in among:
-            if x.ident == ident:
+            if ident in x.idents:
                 return x
         return None
 
@@ -1358,7 +1358,7 @@ class Volume:
         slot = next((i for i, e in enumerate(slots) if e.state == REMOVED), len(slots))
         sb = self._sb_for_new(slot)
         await self._bounded(nm.path, create.init_member, nm.fd, sb)
-        x = Member(nm.path, nm.fd, sb, self.io_timeout, m.SPARE, nm.ident)
+        x = Member(nm.path, nm.fd, sb, self.io_timeout, m.SPARE, nm.idents)
         entry = Slot(sb.member_uuid, SPARE if spare else REBUILDING, nm.path)
         widened = not spare and not replaces and self._filled() >= self.sb.members_expected
         if widened:

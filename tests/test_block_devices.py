@@ -174,3 +174,21 @@ def test_a_loop_device_with_no_file_attached_is_named_so(env):
             raid1fs("umount", args[-1])
         line = assert_refused(r, free)
         assert "empty device" in line, (args, line)
+
+
+def test_a_loop_device_member_whose_file_was_deleted_is_still_found(env):
+    """The image behind a loop device member is deleted while mounted (the
+    device goes on serving it): `fail` and `add` of the device still find
+    the member (a re-add, resynced), not "device is busy"."""
+    m1 = _image(env, "m1.img")
+    dev = env.losetup(m1)
+    b = env.path("b.img")
+    raid1fs("create", "--kind", "disk", "--size", "40M", dev, b)
+    mnt = env.mount(dev, b)
+    os.unlink(m1)
+    r = raid1fs("fail", mnt, dev)
+    assert r.stdout.strip() == f"{dev}: failed", r.stdout
+    r = raid1fs("add", mnt, dev, check=False)
+    assert r.returncode == 0 and "resync" in r.stdout, (r.stdout, r.stderr)
+    raid1fs("rebuild", "--wait", mnt)
+    assert member_state(status_json(mnt), dev) == "online"
