@@ -346,14 +346,17 @@ def _member_arg(text: str) -> str:
 
 
 def cmd_add(a: argparse.Namespace) -> int:
-    r = control.request(a.mountpoint, "add", member=os.path.abspath(a.member), spare=a.spare)
+    # No time limit: the mount reads an existing image whole for data, which
+    # takes as long as it takes (each read is under its I/O timeout).
+    r = control.request(a.mountpoint, "add", member=os.path.abspath(a.member), spare=a.spare,
+                        timeout=None)
     _print_join(r)
     return 0
 
 
 def cmd_replace(a: argparse.Namespace) -> int:
     r = control.request(a.mountpoint, "replace", old=_member_arg(a.old),
-                        new=os.path.abspath(a.new))
+                        new=os.path.abspath(a.new), timeout=None)  # as add
     _print_join(r)
     print(f"{a.old}: removed from the volume once {r['path']} is in sync "
           "(until then it serves as before, if it can)")

@@ -195,7 +195,7 @@ class ControlServer:
             return {"ok": False, "error": f"internal error in {cmd}: {e}", "exit": 1}
 
 
-def request(mountpoint: str, cmd: str, timeout: float = 120.0, **args: Any) -> Any:
+def request(mountpoint: str, cmd: str, timeout: float | None = 120.0, **args: Any) -> Any:
     """Send one request to the mount at `mountpoint`; return its result.
 
     Raises ControlError when no mount answers, or the Raid1fsError the mount

@@ -178,6 +178,7 @@ class Volume:
         self.throttle = Throttle(max_rebuild_rate)
         self._nursery: trio.Nursery | None = None
         self._held: list[Member] = []  # removed, still locked: their I/O hangs
+        self._leaving: list[Member] = []  # being removed (see _leave)
         self._stopping = False
         self.mounted = False
 
@@ -299,15 +300,19 @@ class Volume:
                 box["error"] = e
             finished.set()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(call)
-            while not finished.is_set():
-                left = beat[0] + self.io_timeout - time.monotonic()
-                if left <= 0:
-                    break
-                with trio.move_on_after(left):
-                    await finished.wait()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call)
+                while not finished.is_set():
+                    left = beat[0] + self.io_timeout - time.monotonic()
+                    if left <= 0:
+                        break
+                    with trio.move_on_after(left):
+                        await finished.wait()
+                nursery.cancel_scope.cancel()
+        except BaseException:  # cancelled (the mount ends): as if given up
+            self._abandon(lock, box, undo)
+            raise
         if finished.is_set():
             e = box.get("error")
             if isinstance(e, OSError):  # an I/O error the call did not put in words
@@ -315,13 +320,20 @@ class Volume:
             if e is not None:
                 raise e
             return box["result"]
-        with lock:
-            box["abandoned"] = True
-            late = box.pop("result", None)  # returned just as it was given up
-        if late is not None and undo is not None:
-            undo(late)
+        self._abandon(lock, box, undo)
         raise GivenUp(f"{path}: no answer within the {self.io_timeout:g} s I/O timeout; "
                       f"{outcome}")
+
+    @staticmethod
+    def _abandon(lock: threading.Lock, box: dict[str, Any],
+                 undo: Callable[[Any], object] | None) -> None:
+        """_bounded's call is no longer waited for: what it returns from now
+        on is undone by its thread; what it returned just now, here."""
+        with lock:
+            box["abandoned"] = True
+            late = box.pop("result", None)
+        if late is not None and undo is not None:
+            undo(late)
 
     # ----- metadata ---------------------------------------------------------
 
@@ -1024,9 +1036,7 @@ class Volume:
                           "seconds": round(elapsed, 2), "finished": time.time()}
         x.rebuild = None
         if old is not None:
-            self.members.remove(old)
-            await self._disown(old)
-            self._release(old)
+            await self._leave(old)
             log.warning("member %s replaced by %s", old.path, x.path)
         log.warning("member %s in sync: %s copied in %.1f s", x.path, _mib(p.done_bytes), elapsed)
         self.events.emit("rebuild-finished", x.path,
@@ -1158,9 +1168,7 @@ class Volume:
 
         change, undo = self._dropping(x.uuid)
         await self._commit(change, undo=undo)
-        self.members.remove(x)
-        told = await self._disown(x)
-        self._release(x)
+        told = await self._leave(x)
         log.warning("member %s removed", x.path)
         await self._maybe_clear_missed()
         return outcome(x.path, not told)
@@ -1201,6 +1209,20 @@ class Volume:
         leaving = {e.replaces for e in sb.roster
                    if e.state == REBUILDING and e.replaces in named}
         sb.members_expected = max(2, min(sb.members_expected, len(named) - len(leaving)))
+
+    async def _leave(self, x: Member) -> bool:
+        """Take a member the roster no longer names out of the mount: told
+        so (_disown), then let go of. Meanwhile it is in self._leaving, so
+        an `add` of its path knows to wait for the admin lock instead of
+        opening a file this mount still holds. Returns whether it was told."""
+        self._leaving.append(x)
+        self.members.remove(x)
+        try:
+            told = await self._disown(x)
+            self._release(x)
+        finally:
+            self._leaving.remove(x)
+        return told
 
     async def _disown(self, x: Member) -> bool:
         """Tell a member that just left the volume so, if it still answers:
@@ -1245,43 +1267,82 @@ class Volume:
 
     async def replace(self, old: str, new: str) -> dict[str, Any]:
         """Rebuild `new` online; `old` keeps serving until then, then is removed."""
-        # Checked and begun under one lock: of two replaces of OLD at once,
-        # the second finds it already being replaced.
-        async with self._admin_lock:
-            self._refuse_if_stopping(old)
-            away = self._away(old)
-            if away is not None and self.sb.roster[away[0]].state == SPARE:
-                raise Raid1fsError(f"{away[1]}: is a spare (and not here), not in use; remove "
-                                   "it and add the new one with --spare")
-            uuid = self.sb.roster[away[0]].uuid if away is not None else ""
-            if not uuid:
-                x = await self._find(old)
-                if x.state == m.SPARE:
-                    raise Raid1fsError(f"{x.path}: is a spare, not in use; remove it and add "
-                                       "the new one with --spare")
-                if x.state == m.REBUILDING and x.rebuild is not None and x.rebuild.replaces:
-                    raise Raid1fsError(f"{x.path}: is itself replacing another member")
-                uuid = x.uuid
-            if any(y.rebuild is not None and y.rebuild.replaces == uuid for y in self.members):
-                raise Raid1fsError(f"{old}: already being replaced")
-            # OLD not in this mount cannot be told, in its own metadata, that
-            # it left (what a member in the mount is told when the replace ends).
-            return {**await self._join_locked(new, replaces=uuid), "old_told": away is None}
+        return await self._join(new, old=old)
 
-    async def _join(self, path: str, spare: bool = False) -> dict[str, Any]:
-        async with self._admin_lock:
-            return await self._join_locked(path, spare)
+    async def _replaced(self, old: str) -> tuple[str, bool]:
+        """The checks of `replace OLD`, under the admin lock (of two replaces
+        of OLD at once, the second finds it already being replaced): the
+        member UUID it replaces, and whether it is in this mount (else it
+        cannot be told, in its own metadata, that it left)."""
+        self._refuse_if_stopping(old)
+        away = self._away(old)
+        if away is not None and self.sb.roster[away[0]].state == SPARE:
+            raise Raid1fsError(f"{away[1]}: is a spare (and not here), not in use; remove "
+                               "it and add the new one with --spare")
+        uuid = self.sb.roster[away[0]].uuid if away is not None else ""
+        if not uuid:
+            x = await self._find(old)
+            if x.state == m.SPARE:
+                raise Raid1fsError(f"{x.path}: is a spare, not in use; remove it and add "
+                                   "the new one with --spare")
+            if x.state == m.REBUILDING and x.rebuild is not None and x.rebuild.replaces:
+                raise Raid1fsError(f"{x.path}: is itself replacing another member")
+            uuid = x.uuid
+        if any(y.rebuild is not None and y.rebuild.replaces == uuid for y in self.members):
+            raise Raid1fsError(f"{old}: already being replaced")
+        return uuid, away is None
 
-    async def _join_locked(self, path: str, spare: bool = False,
-                           replaces: str = "") -> dict[str, Any]:
+    async def _join(self, path: str, spare: bool = False,
+                    old: str | None = None) -> dict[str, Any]:
+        """`add` (and `replace`, with `old`). A new member is opened and read
+        whole for data first, outside the admin lock: that can take long,
+        and must hold up neither the unmount nor other operator actions.
+        What it found is checked again under the lock."""
         self._refuse_if_stopping(path)
         if self.readonly:
             raise Raid1fsError(f"{path}: the volume is mounted read-only")
         p = os.path.abspath(path)
-        for y in [y for y in self._held if not y.workers.busy]:
-            self._held.remove(y)
-            self._release(y)
-        existing = await self._bounded(path, self._member_at, p, self.members + self._held)
+        nm: create.NewMember | None = None
+
+        async def open_new() -> create.NewMember:
+            return await self._bounded(
+                path, create.open_new_member, p, self.sb.data_offset + self.size,
+                self.sb.volume_uuid, undo=_drop_new, progress=True)
+        try:
+            if await self._bounded(path, self._member_at, p,
+                                   self.members + self._held + self._leaving) is None:
+                nm = await open_new()
+            async with self._admin_lock:
+                self._refuse_if_stopping(path)
+                uuid, told = await self._replaced(old) if old is not None else ("", True)
+                for y in [y for y in self._held if not y.workers.busy]:
+                    self._held.remove(y)
+                    self._release(y)
+                existing = await self._bounded(path, self._member_at, p,
+                                               self.members + self._held)
+                if existing is None and nm is None:
+                    nm = await open_new()  # a member when first looked for, left since
+                out = await self._join_locked(p, path, spare, uuid, nm, existing)
+            return {**out, "old_told": told} if old is not None else out
+        except GivenUp:
+            # A thread may still write through nm.fd: the number must not
+            # name another file when it does. It goes to /dev/null and
+            # stays taken.
+            if nm is not None and not any(y.fd == nm.fd for y in self.members):
+                _park_fd(nm.fd)
+            raise
+        except BaseException:
+            if nm is not None and not any(y.fd == nm.fd for y in self.members):
+                _drop_new(nm)  # an image made for it goes again
+            raise
+
+    async def _join_locked(self, p: str, path: str, spare: bool, replaces: str,
+                           nm: create.NewMember | None,
+                           existing: Member | None) -> dict[str, Any]:
+        """_join's work under the admin lock: `existing`, the member at p
+        (looked for under the lock), or else `nm`, the path opened."""
+        if existing is not None and nm is not None:
+            raise Raid1fsError(f"{path}: joined the volume meanwhile (another command)")
         if existing in self._held:
             raise Raid1fsError(f"{path}: was removed from this volume while I/O to it "
                                "hung; it can be added again once that I/O ends or after "
@@ -1292,36 +1353,22 @@ class Volume:
                                    f"({existing.state})")
             named = path if p == existing.path else f"{path} (member {existing.path})"
             return await self._readd(existing, spare, named)
-        nm = await self._bounded(
-            path, create.open_new_member, p, self.sb.data_offset + self.size,
-            self.sb.volume_uuid, undo=_drop_new, progress=True)
-        try:
-            entry = self.sb.roster_entry(nm.old_sb.member_uuid) if nm.old_sb else None
-            if entry is not None and entry.state == SPARE:
-                # A spare this mount was not given: it joins anew (as
-                # asked: a spare, a member, a replacement), its old
-                # roster entry dropped in the same commit.
-                self.sb.drop(entry)
-            elif entry is not None and nm.old_sb is not None and not replaces:
-                if entry.state in (*ABSENT_STATES, REBUILDING):
-                    # A member that was missing is back: re-add it.
-                    x = Member(p, nm.fd, nm.old_sb, self.io_timeout, m.STALE, nm.idents)
-                    self.members.append(x)
-                    self.missing[:] = [(sl, h) for sl, h in self.missing
-                                       if self.sb.roster[sl].uuid != x.uuid]
-                    return await self._readd(x, spare)
-            return await self._add_new(nm, spare, replaces)
-        except GivenUp:
-            # A thread may still write through nm.fd: the number must not
-            # name another file when it does. It goes to /dev/null and
-            # stays taken.
-            if not any(y.fd == nm.fd for y in self.members):
-                _park_fd(nm.fd)
-            raise
-        except BaseException:
-            if not any(y.fd == nm.fd for y in self.members):
-                _drop_new(nm)  # an image made for it goes again
-            raise
+        assert nm is not None
+        entry = self.sb.roster_entry(nm.old_sb.member_uuid) if nm.old_sb else None
+        if entry is not None and entry.state == SPARE:
+            # A spare this mount was not given: it joins anew (as asked: a
+            # spare, a member, a replacement), its old roster entry dropped
+            # in the same commit.
+            self.sb.drop(entry)
+        elif entry is not None and nm.old_sb is not None and not replaces:
+            if entry.state in (*ABSENT_STATES, REBUILDING):
+                # A member that was missing is back: re-add it.
+                x = Member(p, nm.fd, nm.old_sb, self.io_timeout, m.STALE, nm.idents)
+                self.members.append(x)
+                self.missing[:] = [(sl, h) for sl, h in self.missing
+                                   if self.sb.roster[sl].uuid != x.uuid]
+                return await self._readd(x, spare)
+        return await self._add_new(nm, spare, replaces)
 
     def _member_at(self, path: str, among: list[Member]) -> Member | None:
         """The one of `among` this path names (under any name), if any."""

@@ -909,3 +909,53 @@ def test_a_fail_that_cannot_be_recorded_says_it_took_effect_in_this_mount(tmp_pa
         await vol.shutdown()
 
     _run(scenario, found)
+
+
+def test_an_add_reading_a_large_image_holds_up_neither_the_unmount_nor_others(tmp_path,
+                                                                               monkeypatch):
+    """`add` of an existing image reads it whole for data before it takes
+    the admin lock: an unmount that begins meanwhile goes ahead at once
+    (it used to wait for the whole read, past the client's patience), and
+    the add, once its read is done, is refused as the volume is being
+    unmounted, leaving the image as it was."""
+    import types
+
+    from raid1fs import create
+    from raid1fs.errors import Raid1fsError
+
+    vol, found = _engine_volume(tmp_path)
+    z = tmp_path / "z.img"
+    with open(z, "wb") as f:
+        f.write(bytes(48 << 20))
+    before = z.read_bytes()
+    order: list[str] = []
+    reading = threading.Event()
+
+    def slow_pread(fd: int, n: int, off: int) -> bytes:
+        reading.set()
+        time.sleep(0.2)
+        return os.pread(fd, n, off)
+
+    slow_os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os)
+                                       if not k.startswith("__")})
+    slow_os.pread = slow_pread
+    monkeypatch.setattr(create, "os", slow_os)
+
+    async def add() -> None:
+        with pytest.raises(Raid1fsError, match="being unmounted"):
+            await vol.add(str(z))
+        order.append("add refused")
+
+    async def scenario() -> None:
+        await vol.start()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(add)
+            while not reading.is_set():
+                await trio.sleep(0.01)
+            await vol.shutdown()
+            order.append("unmounted")
+        assert order == ["unmounted", "add refused"], order
+        assert len(vol.members) == 2
+
+    _run(scenario, found)
+    assert z.read_bytes() == before
