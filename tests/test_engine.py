@@ -825,28 +825,39 @@ def test_operator_actions_are_refused_once_the_unmount_has_begun(tmp_path):
     _run(scenario, found)
 
 
-def test_add_reads_a_large_image_for_data_without_giving_up_on_it(tmp_path, monkeypatch):
-    """`add` of an existing image reads all of it for data; each read is
-    timed, not the whole scan: an image that takes longer than --io-timeout
-    to read, but answers every read at once, is added (it used to be given
-    up on as hung, "no answer within the I/O timeout")."""
+def _zero_image_read_slowly(tmp_path, monkeypatch, delay: float):
+    """z.img, 48 MiB of written zeros (every byte is read for data), whose
+    every read by raid1fs.create takes `delay` s; and an event set at its
+    first read."""
     import types
 
     from raid1fs import create
 
-    vol, found = _engine_volume(tmp_path, io_timeout=0.5)
     z = tmp_path / "z.img"
     with open(z, "wb") as f:
-        f.write(bytes(48 << 20))  # written zeros: every byte is read
+        f.write(bytes(48 << 20))
+    reading = threading.Event()
 
     def slow_pread(fd: int, n: int, off: int) -> bytes:
-        time.sleep(0.1)  # 6 reads of 8 MiB: 0.6 s in all, each well in time
+        reading.set()
+        time.sleep(delay)
         return os.pread(fd, n, off)
 
     slow_os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os)
                                        if not k.startswith("__")})
     slow_os.pread = slow_pread
     monkeypatch.setattr(create, "os", slow_os)
+    return z, reading
+
+
+def test_add_reads_a_large_image_for_data_without_giving_up_on_it(tmp_path, monkeypatch):
+    """`add` of an existing image reads all of it for data; each read is
+    timed, not the whole scan: an image that takes longer than --io-timeout
+    to read, but answers every read at once, is added (it used to be given
+    up on as hung, "no answer within the I/O timeout")."""
+    vol, found = _engine_volume(tmp_path, io_timeout=1.0)
+    # 6 reads of 8 MiB: 1.5 s in all, each well in time.
+    z, _ = _zero_image_read_slowly(tmp_path, monkeypatch, 0.25)
 
     async def scenario() -> None:
         await vol.start()
@@ -918,28 +929,12 @@ def test_an_add_reading_a_large_image_holds_up_neither_the_unmount_nor_others(tm
     (it used to wait for the whole read, past the client's patience), and
     the add, once its read is done, is refused as the volume is being
     unmounted, leaving the image as it was."""
-    import types
-
-    from raid1fs import create
     from raid1fs.errors import Raid1fsError
 
     vol, found = _engine_volume(tmp_path)
-    z = tmp_path / "z.img"
-    with open(z, "wb") as f:
-        f.write(bytes(48 << 20))
+    z, reading = _zero_image_read_slowly(tmp_path, monkeypatch, 0.2)
     before = z.read_bytes()
     order: list[str] = []
-    reading = threading.Event()
-
-    def slow_pread(fd: int, n: int, off: int) -> bytes:
-        reading.set()
-        time.sleep(0.2)
-        return os.pread(fd, n, off)
-
-    slow_os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os)
-                                       if not k.startswith("__")})
-    slow_os.pread = slow_pread
-    monkeypatch.setattr(create, "os", slow_os)
 
     async def add() -> None:
         with pytest.raises(Raid1fsError, match="being unmounted"):
