@@ -273,9 +273,8 @@ def _note_exit_report(path: str | None) -> None:
         print(f"{PROG}: note: {m['path']} failed while the mount shut down ({m['reason']}); "
               "the volume is degraded", file=sys.stderr)
     if report.get("unclean"):
-        print(f"{PROG}: note: the final flush failed ({report['unclean']}), so the members "
-              "were not marked clean: what was written last may not be durable, and the "
-              "next mount resyncs what may differ", file=sys.stderr)
+        print(f"{PROG}: note: {report['unclean']}, so the members were not marked clean: "
+              "the next mount resyncs what may differ", file=sys.stderr)
 
 
 def _alive(pid: int) -> bool:

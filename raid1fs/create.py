@@ -239,11 +239,16 @@ def create_disk(paths: list[str], name: str, size: int | None, checksums: bool,
                 os.fsync(fd)
             except OSError:
                 pass
+        left = []
         for t in targets:
             if not t.exists:
-                os.unlink(t.path)
-        raise BadMemberError(f"{doing}: write failed: {e.strerror} "
-                             "(no volume created)") from None
+                try:
+                    os.unlink(t.path)
+                except OSError:
+                    left.append(t.path)
+        raise BadMemberError(f"{doing}: write failed: {e.strerror} (no volume created"
+                             + (f"; {', '.join(left)} could not be removed" if left else "")
+                             + ")") from None
     finally:
         for fd in fds:
             m.close_member(fd)

@@ -359,7 +359,7 @@ async def serve(req: MountRequest, mountpoint: str, plan: Plan, ready: ReadyPipe
                         await volume.shutdown()
                     except Raid1fsError as e:
                         log.error("shutdown: %s", e)
-                        unclean = str(e)
+                        unclean = f"the final flush failed ({e})"
                     if volume.regions.suspect and not unclean:
                         unclean = ("writes given up on after the I/O timeout may have landed "
                                    "on some members only")

@@ -1445,13 +1445,13 @@ class Volume:
         """Resilver every member that needs it (`raid1fs rebuild`): resume
         stopped rebuilds and take up stale members. Failed members are not
         touched: re-add them with `add`."""
-        self._refuse_if_stopping("rebuild")
         if max_rate is not None:
             self.throttle.set(max_rate)
         if self.readonly:
             raise Raid1fsError("the volume is mounted read-only")
         out = []
         async with self._admin_lock:
+            self._refuse_if_stopping("rebuild")  # the unmount may have begun meanwhile
             for x in list(self.members):
                 entry = self.sb.roster_entry(x.uuid)
                 replaced = any(y.rebuild is not None and y.rebuild.replaces == x.uuid
