@@ -36,6 +36,8 @@ from conftest import (
     wait_for,
 )
 
+from raid1fs import control
+
 
 def _file_sizes(rng: random.Random, n: int) -> list[int]:
     """Mostly small files, some medium, a few up to 64 MiB."""
@@ -485,7 +487,9 @@ def test_a_signal_while_the_disk_is_in_use_does_not_unmount_it(env):
     with open(loop, "r+b") as f:
         f.write(data)  # in the loop device's page cache
         os.kill(pid, signal.SIGTERM)
-        time.sleep(1.5)
+        log = os.path.join(os.environ["RAID1FS_RUN_DIR"], control.mount_key(str(mnt)) + ".log")
+        wait_for(lambda: "SIGTERM: not unmounting" in open(log).read()
+                 or not os.path.ismount(mnt), timeout=30, what="the signal handled")
         assert os.path.ismount(mnt), "unmounted with its disk in use"
         os.fsync(f.fileno())
     assert status_json(mnt)["volume"]["state"] == "clean"
@@ -507,9 +511,10 @@ def test_a_mount_still_shutting_down_keeps_its_mount_point_until_it_ends(env):
     one used to remove the new one's control socket as it ended)."""
     a, b = env.create("a.img", "b.img", size="16M")
     c, d = env.create("c.img", "d.img", size="16M")
-    mnt = env.mount(a, b, opts=["--on-event", "sleep 3"])
+    flag = env.path("go-on")
+    mnt = env.mount(a, b, opts=["--on-event", f"while [ ! -e {flag} ]; do sleep 0.1; done"])
     pid = status_json(mnt)["daemon"]["pid"]
-    raid1fs("fail", mnt, a)  # an event: its command runs for 3 s
+    raid1fs("fail", mnt, a)  # an event: its command runs until the flag is there
     run("fusermount3", "-u", mnt)
     wait_for(lambda: not os.path.ismount(mnt), what="the unmount")
     assert not process_gone(pid), "the mount process ended at once: nothing to test"
@@ -519,6 +524,7 @@ def test_a_mount_still_shutting_down_keeps_its_mount_point_until_it_ends(env):
     assert r.returncode not in (0, 2), r.stdout
     line = one_line(r.stderr)
     assert str(mnt) in line and "still shutting down" in line, line
+    flag.touch()
     wait_for(lambda: process_gone(pid), timeout=30, what="the old mount process to exit")
     raid1fs("mount", c, d, mnt)
     assert status_json(mnt)["volume"]["state"] == "clean"
@@ -584,6 +590,10 @@ def test_a_hung_member_does_not_stop_add_replace_or_fail_of_others(env):
             f.write(os.urandom(MiB))
             os.fsync(f.fileno())
         assert member_state(status_json(mnt), a) == "failed"
+        b_link = env.path("b-link")
+        b_link.symlink_to(b)
+        r = raid1fs("fail", mnt, b_link, check=False, timeout=60)  # found, while A still hangs
+        assert r.returncode == 1 and "last in-sync member" in one_line(r.stderr), r.stderr
         r = raid1fs("replace", mnt, a, c, check=False, timeout=60)
         assert r.returncode == 0, r.stderr
         raid1fs("rebuild", "--wait", mnt, timeout=60)

@@ -920,7 +920,8 @@ def test_offline_rebuild_gives_up_on_a_hung_member_after_raid1fs_io_timeout(env)
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        time.sleep(1.5)
+        wait_for(lambda: any(ln.startswith("rebuilding ") for ln in lines), timeout=60,
+                 what="the copy under way")
         faultfs("set", ffs, "hang")
         hung_at = time.monotonic()
         wait_for(lambda: any("volume degraded" in ln for ln in lines), timeout=20,
