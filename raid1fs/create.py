@@ -334,6 +334,7 @@ class NewMember:
     created: bool  # a new sparse image: reads as zeros
     old_sb: Superblock | None  # it carries metadata of this volume already
     idents: frozenset[tuple[object, ...]] = frozenset()  # raid1fs.assemble.fd_identities
+    parked: bool = False  # a call through fd was given up on: fd points at /dev/null
 
 
 def open_new_member(path: str, member_bytes: int, volume_uuid: str,

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -144,6 +145,10 @@ def claim_mountpoint(real: str, given: str) -> int:
     ends, even by kill -9. Returns its descriptor (close it to let go)."""
     d = control.run_dir()
     os.makedirs(d, mode=0o755, exist_ok=True)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise BadMemberError(f"{d}: the run directory is not a directory of yours that only "
+                             "you can write to (set RAID1FS_RUN_DIR or XDG_RUNTIME_DIR)")
     path = os.path.join(d, control.mount_key(real, resolved=True) + ".lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
@@ -446,17 +451,20 @@ async def _on_signals(signals: AsyncIterator[int], stopped: list[str], usable: l
                 try:
                     r = await trio.run_process(["fusermount3", "-u", mountpoint], check=False,
                                                capture_stdout=True, capture_stderr=True)
-                except OSError as e:
-                    log.warning("%s: cannot run fusermount3 (%s): unmounting lazily", name, e)
-                else:
                     said = (r.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]
-                    if r.returncode:
-                        stopped.remove(name)
-                        log.error("%s: not unmounting: %s (%s); detach what uses it, or use "
-                                  "`raid1fs umount`, which says what", name, mountpoint, said)
-                        continue
-                    log.warning("%s: unmounted", name)
-                    return  # the kernel ends the connection, and with it pyfuse3.main
+                except OSError as e:
+                    r, said = None, f"cannot run fusermount3: {e}"
+                if r is None or r.returncode:
+                    stopped.remove(name)
+                    log.error("%s: not unmounting: %s (%s); detach what uses it, or use "
+                              "`raid1fs umount`, which says what", name, mountpoint, said)
+                    continue
+                # The kernel ends the connection, and with it pyfuse3.main (and
+                # then this task); until then, later signals are still heard.
+                log.warning("%s: unmounted", name)
+                continue
+            if scope.cancel_called:
+                return  # the mount ended meanwhile: its session is closed
             log.warning("%s: unmounting", name)
             pyfuse3.terminate()
             return
@@ -600,7 +608,9 @@ def _daemon_main(req: MountRequest, mountpoint: str, plan: Plan, ready_fd: int |
         status = 1
     # Its control socket is gone: the mount point is free for the next
     # mount, also while a thread stuck on a hung member keeps this process
-    # (and every file it has open) from ending.
+    # (and every file it has open) from ending. No signal may end the
+    # process before that (trio no longer catches them).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     os.close(claim)
     logging.shutdown()
     sys.stdout.flush()

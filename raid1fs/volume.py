@@ -179,6 +179,7 @@ class Volume:
         self._nursery: trio.Nursery | None = None
         self._held: list[Member] = []  # removed, still locked: their I/O hangs
         self._leaving: list[Member] = []  # being removed (see _leave)
+        self._joining: set[trio.CancelScope] = set()  # adds reading their member (_join)
         self._stopping = False
         self.mounted = False
 
@@ -630,6 +631,8 @@ class Volume:
         """End a mount: stop rebuilds at a checkpoint, make data durable,
         clear the intent bitmap and mark every member clean."""
         self._stopping = True
+        for scope in self._joining:
+            scope.cancel()  # an add still reading its member: refused (_join)
         async with self._admin_lock:
             pass  # an add, replace or remove under way ends first; later ones are refused
         await self._stop_rebuilds()
@@ -1215,9 +1218,9 @@ class Volume:
         so (_disown), then let go of. Meanwhile it is in self._leaving, so
         an `add` of its path knows to wait for the admin lock instead of
         opening a file this mount still holds. Returns whether it was told."""
-        self._leaving.append(x)
-        self.members.remove(x)
         try:
+            self._leaving.append(x)
+            self.members.remove(x)
             told = await self._disown(x)
             self._release(x)
         finally:
@@ -1309,9 +1312,18 @@ class Volume:
                 path, create.open_new_member, p, self.sb.data_offset + self.size,
                 self.sb.volume_uuid, undo=_drop_new, progress=True)
         try:
+            if old is not None:
+                await self._replaced(old)  # before the long read, once more under the lock
             if await self._bounded(path, self._member_at, p,
                                    self.members + self._held + self._leaving) is None:
-                nm = await open_new()
+                with trio.CancelScope() as scope:  # the unmount ends it (shutdown)
+                    self._joining.add(scope)
+                    try:
+                        nm = await open_new()
+                    finally:
+                        self._joining.discard(scope)
+                if scope.cancelled_caught:
+                    self._refuse_if_stopping(path)
             async with self._admin_lock:
                 self._refuse_if_stopping(path)
                 uuid, told = await self._replaced(old) if old is not None else ("", True)
@@ -1324,15 +1336,9 @@ class Volume:
                     nm = await open_new()  # a member when first looked for, left since
                 out = await self._join_locked(p, path, spare, uuid, nm, existing)
             return {**out, "old_told": told} if old is not None else out
-        except GivenUp:
-            # A thread may still write through nm.fd: the number must not
-            # name another file when it does. It goes to /dev/null and
-            # stays taken.
-            if nm is not None and not any(y.fd == nm.fd for y in self.members):
-                _park_fd(nm.fd)
-            raise
         except BaseException:
-            if nm is not None and not any(y.fd == nm.fd for y in self.members):
+            if nm is not None and not nm.parked and not any(y.fd == nm.fd
+                                                            for y in self.members):
                 _drop_new(nm)  # an image made for it goes again
             raise
 
@@ -1404,7 +1410,15 @@ class Volume:
         slots = self.sb.roster
         slot = next((i for i, e in enumerate(slots) if e.state == REMOVED), len(slots))
         sb = self._sb_for_new(slot)
-        await self._bounded(nm.path, create.init_member, nm.fd, sb)
+        try:
+            await self._bounded(nm.path, create.init_member, nm.fd, sb)
+        except (GivenUp, trio.Cancelled):
+            # Its thread may still write through nm.fd: the number must not
+            # name another file when it does. It goes to /dev/null and stays
+            # taken (the image is left: that thread may still write to it).
+            _park_fd(nm.fd)
+            nm.parked = True
+            raise
         x = Member(nm.path, nm.fd, sb, self.io_timeout, m.SPARE, nm.idents)
         entry = Slot(sb.member_uuid, SPARE if spare else REBUILDING, nm.path)
         widened = not spare and not replaces and self._filled() >= self.sb.members_expected

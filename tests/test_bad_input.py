@@ -690,3 +690,21 @@ def test_volume_name_with_a_comma_mounts(env):
     raid1fs("create", "--kind", "disk", "--size", SIZE, "--name", r"web,data\1", a, b)
     mnt = env.mount(a, b)
     assert status_json(mnt)["volume"]["name"] == r"web,data\1"
+
+
+def test_a_run_directory_others_can_write_to_is_refused(env):
+    """The run directory (control sockets, mount-point locks) must be the
+    mounting user's and writable only by them: another user who could make
+    files there could hold a lock that blocks every mount. A mount given
+    one anyone can write to is refused, naming it, with nothing changed."""
+    a, b = env.create("a.img", "b.img", size=SIZE)
+    run_dir = env.mkdir("open-run-dir")
+    os.chmod(run_dir, 0o777)
+    before = snapshot(a, b)
+    mnt = env.mkdir("mnt")
+    r = raid1fs("mount", a, b, mnt, check=False,
+                env={**os.environ, "RAID1FS_RUN_DIR": str(run_dir)})
+    if r.returncode == 0:
+        raid1fs("umount", mnt, env={**os.environ, "RAID1FS_RUN_DIR": str(run_dir)})
+    assert_refused(r, run_dir)
+    assert_unchanged(before)

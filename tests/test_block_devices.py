@@ -14,6 +14,7 @@ from conftest import (
     process_gone,
     raid1fs,
     run,
+    sha256,
     status_json,
     wait_for,
 )
@@ -192,3 +193,22 @@ def test_a_loop_device_member_whose_file_was_deleted_is_still_found(env):
     assert r.returncode == 0 and "resync" in r.stdout, (r.stdout, r.stderr)
     raid1fs("rebuild", "--wait", mnt)
     assert member_state(status_json(mnt), dev) == "online"
+
+
+def test_the_renamed_file_behind_a_loop_device_member_is_known_as_that_member(env):
+    """The image behind a loop device member was renamed before the mount:
+    `add` of it under its new name is refused as already a member, its
+    superblock untouched (the kernel names a loop device's file by where it
+    is now, so the mount finds and locks it under the new name)."""
+    m1 = _image(env, "m1.img")
+    dev = env.losetup(m1)
+    b = env.path("b.img")
+    raid1fs("create", "--kind", "disk", "--size", "40M", dev, b)
+    renamed = env.path("m1-renamed.img")
+    os.rename(m1, renamed)
+    mnt = env.mount(dev, b)
+    before = sha256(renamed)
+    line = assert_refused(raid1fs("add", mnt, renamed, check=False), renamed)
+    assert "already a member" in line, line
+    assert sha256(renamed) == before
+    assert status_json(mnt)["volume"]["state"] == "clean"
