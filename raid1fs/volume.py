@@ -1339,7 +1339,11 @@ class Volume:
         except BaseException:
             if nm is not None and not nm.parked and not any(y.fd == nm.fd
                                                             for y in self.members):
-                _drop_new(nm)  # an image made for it goes again
+                # An image made for it goes again, in a thread: closing and
+                # unlinking on a file system that hangs now must not stop
+                # the loop (the unmount that refused this add, say).
+                threading.Thread(target=_drop_new, args=(nm,), daemon=True,
+                                 name=f"drop {nm.path}").start()
             raise
 
     async def _join_locked(self, p: str, path: str, spare: bool, replaces: str,
