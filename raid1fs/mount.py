@@ -446,7 +446,6 @@ async def _on_signals(signals: AsyncIterator[int], stopped: list[str], usable: l
     with scope:
         async for sig in signals:
             name = signal.Signals(sig).name
-            stopped.append(name)
             if usable:
                 try:
                     r = await trio.run_process(["fusermount3", "-u", mountpoint], check=False,
@@ -455,7 +454,6 @@ async def _on_signals(signals: AsyncIterator[int], stopped: list[str], usable: l
                 except OSError as e:
                     r, said = None, f"cannot run fusermount3: {e}"
                 if r is None or r.returncode:
-                    stopped.remove(name)
                     log.error("%s: not unmounting: %s (%s); detach what uses it, or use "
                               "`raid1fs umount`, which says what", name, mountpoint, said)
                     continue
@@ -466,6 +464,7 @@ async def _on_signals(signals: AsyncIterator[int], stopped: list[str], usable: l
             if scope.cancel_called:
                 return  # the mount ended meanwhile: its session is closed
             log.warning("%s: unmounting", name)
+            stopped.append(name)  # still starting: `raid1fs mount` says why it failed
             pyfuse3.terminate()
             return
 
