@@ -6,8 +6,10 @@ touches it, often in a wait no signal ends. A command that must read its
 members' metadata (mount, status, offline rebuild, create) first lets a
 throw-away child process stat, open and read each path; if the child has not
 answered within the I/O timeout, the command fails naming the path, instead
-of hanging with it. The child is left to the kernel (it ends, or stays stuck,
-on its own); the command has changed nothing.
+of hanging with it. The child is killed and left to the kernel (it ends when
+its I/O returns, or stays stuck); a thread of the command waits for it, so a
+long-running command (`mount -f`) keeps no dead child behind. The command
+has changed nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import select
 import signal
 import stat
+import threading
 import time
 
 from raid1fs.errors import BadMemberError
@@ -68,6 +71,14 @@ def no_answer(path: str, timeout: float) -> BadMemberError:
                           "device?); nothing was changed")
 
 
+def _reap(pid: int) -> None:
+    """Wait for a killed child in the background (it may never end)."""
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
 def hung(paths: list[str], timeout: float | None = None) -> list[str]:
     """Those of `paths` (made absolute) that do not answer within `timeout`
     seconds, each asked by a child of its own, all at once."""
@@ -106,8 +117,9 @@ def hung(paths: list[str], timeout: float | None = None) -> list[str]:
         for r, (_, pid) in asking.items():
             os.close(r)
             try:
-                os.kill(pid, signal.SIGKILL)  # ends it if it can be ended; not waited for
+                os.kill(pid, signal.SIGKILL)  # ends it once its I/O returns, if ever
             except OSError:
                 pass
+            threading.Thread(target=_reap, args=(pid,), name=f"reap-{pid}", daemon=True).start()
     stuck = {p for p, _ in asking.values()}
     return [p for p in (os.path.abspath(p) for p in paths) if p in stuck]

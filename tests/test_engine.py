@@ -954,3 +954,32 @@ def test_an_add_reading_a_large_image_holds_up_neither_the_unmount_nor_others(tm
 
     _run(scenario, found)
     assert z.read_bytes() == before
+
+
+def _children() -> set[int]:
+    """Pids whose parent is this process, dead (zombie) ones included."""
+    me, out = os.getpid(), set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            out.add(int(name))
+    return out
+
+
+def test_a_probe_child_killed_on_a_hung_path_is_reaped(monkeypatch):
+    """probe.hung kills the child still stuck on a path and does not leave it
+    a zombie in a long-running process (`mount -f`)."""
+    from raid1fs import probe
+    monkeypatch.setattr(probe, "_touch", lambda path: time.sleep(60))
+    before = _children()
+    assert probe.hung(["/no/answer"], 0.3) == ["/no/answer"]
+    deadline = time.monotonic() + 10
+    while _children() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _children() - before, "the killed probe child was left behind"
