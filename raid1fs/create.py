@@ -40,6 +40,7 @@ from raid1fs.superblock import (
 BLKZEROOUT = 0x127F
 DATA_SCAN_LIMIT = 64 << 20  # how much of each end of a block device is read for data
 MIN_SIZE = 1 << 20
+NEW_LOCK_WAIT = 2.0  # seconds a just-created member waits for a racing opener to let go
 
 
 @dataclass
@@ -271,7 +272,7 @@ def _open_all(targets: list[Target], member_bytes: int) -> list[int]:
                 raise BadMemberError(f"{t.path}: cannot create: {e.strerror}") from None
             made.append(t.path)
             fds.append(fd)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_new(fd, t.path)
             try:
                 os.ftruncate(fd, member_bytes)
             except OSError as e:
@@ -284,6 +285,23 @@ def _open_all(targets: list[Target], member_bytes: int) -> list[int]:
             os.unlink(p)
         raise
     return fds
+
+
+def _lock_new(fd: int, path: str) -> None:
+    """flock a file this process just created. Another raid1fs process
+    (a second `add` of the same path) may have opened and locked it in the
+    instant between; it finds it empty (too small) and lets go at once, so
+    wait a moment for that rather than fail both."""
+    deadline = time.monotonic() + NEW_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise BadMemberError(f"{path}: in use by another process since it was "
+                                     "created") from None
+            time.sleep(0.01)
 
 
 def _zero(fd: int, is_block: bool, offset: int, length: int) -> None:

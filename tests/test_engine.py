@@ -983,3 +983,40 @@ def test_a_probe_child_killed_on_a_hung_path_is_reaped(monkeypatch):
     while _children() - before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _children() - before, "the killed probe child was left behind"
+
+
+def test_a_new_image_locked_by_a_racing_add_the_moment_it_is_made_still_joins(
+        tmp_path, monkeypatch):
+    """Two `add`s of one new path: the second may open and lock the image in
+    the instant between the first creating and locking it (it finds it empty
+    and lets go). The first waits for that instead of failing too, and ends
+    with its image, sized and locked."""
+    import fcntl
+
+    from raid1fs import create
+    path = str(tmp_path / "c.img")
+    real_open = os.open
+    raced = []
+
+    def racing_open(p, flags, *args, **kw):
+        fd = real_open(p, flags, *args, **kw)
+        if p == path and flags & os.O_EXCL and not raced:
+            other = real_open(p, os.O_RDWR)  # the other add, an open file of its own
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            raced.append(other)
+            threading.Timer(0.2, os.close, (other,)).start()
+        return fd
+
+    monkeypatch.setattr(os, "open", racing_open)
+    nm = create.open_new_member(path, 64 << 20, "vol")
+    monkeypatch.undo()
+    try:
+        assert raced and nm.created and os.fstat(nm.fd).st_size == 64 << 20
+        probe = real_open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # it holds the lock now
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)
+    finally:
+        os.close(nm.fd)
