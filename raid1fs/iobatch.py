@@ -67,6 +67,12 @@ _free: list[int] = []
 _abandoned: list[Batch] = []
 
 
+def given_up_running() -> bool:
+    """Whether a call given up on (timed out, cancelled) is still running
+    on some member: it may yet land."""
+    return any(not b.signalled for b in _abandoned)
+
+
 def _take_fd() -> int:
     if _abandoned:  # rare: only after a timeout or a cancellation
         for b in [b for b in _abandoned if b.signalled]:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from raid1fs import assemble, create
+from raid1fs import assemble, create, iobatch
 from raid1fs import member as m
 from raid1fs.assemble import Plan
 from raid1fs.bitmap import Bitmap
@@ -744,8 +744,8 @@ class Volume:
                     # not another: they may differ there from now on.
                     self.regions.suspect.set_range(r0, r1)
                     log.error("write at %d given up on every in-sync member after the I/O "
-                              "timeout: the members may differ there until the next mount "
-                              "resyncs it (this unmount leaves the volume unclean)", offset)
+                              "timeout: the members may differ there until it is resynced, "
+                              "once the calls given up on end (or by the next mount)", offset)
             await self._settle(targets, errors, f"write at {offset}")
         finally:
             self._ranges.release(lock)
@@ -840,6 +840,11 @@ class Volume:
         rl = self.regions
         while True:
             await trio.sleep(1.0)
+            if rl.suspect:
+                try:
+                    await self._resync_suspect()
+                except Raid1fsError as e:
+                    log.error("resyncing regions a given-up write left suspect: %s", e)
             idle = rl.idle_groups(time.monotonic())
             if not idle or self._stopping:
                 continue
@@ -849,6 +854,36 @@ class Volume:
                     await self._flush_regions()
             except Raid1fsError as e:
                 log.error("clearing write-intent bits: %s", e)
+
+    async def _resync_suspect(self) -> None:
+        """Resync the regions a write given up on every in-sync member left
+        suspect (rule 16), once no call given up on is still running (none
+        can land later), and no rebuild runs: the in-sync members but the
+        source become rebuilding over those regions, as after a crash."""
+        if self.readonly or self._stopping or iobatch.given_up_running():
+            return
+        async with self._admin_lock:
+            rl = self.regions
+            if self._stopping or not rl.suspect or iobatch.given_up_running() or \
+                    any(x.state == m.REBUILDING for x in self.members):
+                return
+            source = self._source()
+            targets = [x for x in self.online() if x is not source]
+            pending = rl.suspect.copy()
+            if targets:
+                rl.missed |= pending  # kept until every member holds those regions
+                for x in targets:
+                    entry = self.sb.roster_entry(x.uuid)
+                    assert entry is not None
+                    self._set_rebuilding(x, entry, pending.copy(), full=False)
+                await self._flush_regions()  # the bitmaps before the roster names them
+                await self._commit()
+            rl.suspect.clear_all()
+            log.warning("regions a given-up write left suspect (%s): %s",
+                        _mib(rl.bytes_of(pending)),
+                        "resyncing them" if targets else "one in-sync member, nothing to resync")
+            for x in targets:
+                self._spawn_rebuild(x)
 
     async def _maybe_clear_missed(self) -> None:
         """Empty the missed-writes bitmap once nobody is away or behind.

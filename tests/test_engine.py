@@ -648,46 +648,65 @@ def test_fail_of_a_hung_path_says_nothing_was_done(tmp_path, monkeypatch):
     _run(scenario, found, hang)
 
 
-def test_a_write_given_up_on_every_member_is_resynced_at_the_next_mount(tmp_path, monkeypatch):
-    """Both in-sync members time out on a write (the caller gets EIO, nobody
-    is failed); the call given up on lands late on one member and fails on
-    the other, so they differ there. The region stays marked, the unmount
-    leaves the volume unclean, and the next mount resyncs it from one
-    member: the members end identical. (Found by audit: they stayed
-    different, the volume clean.)"""
+def _late_write_on_every_member(vol, monkeypatch):
+    """A scenario step: both in-sync members time out on a write at 0 (the
+    caller gets EIO, nobody is failed); the calls given up on end 0.8 s in,
+    landing on a and failing on b, so the members differ there."""
     import errno
 
     from raid1fs import volume as vmod
     from raid1fs.errors import VolumeIOError
-    from raid1fs.superblock import read_superblock
 
-    vol, found = _engine_volume(tmp_path, io_timeout=0.3)
     a, b = vol.members
     real = vmod.pwrite_full
 
     def late(fd, data, off, sync):
-        time.sleep(0.8)  # past the I/O timeout: given up on, then it ends
+        time.sleep(0.8)  # past the I/O timeout (0.3 s): given up on, then it ends
         if fd == b.fd:
             raise OSError(errno.EIO, "Input/output error")
         return real(fd, data, off, sync)
 
-    async def scenario() -> None:
-        await vol.start()
+    async def step() -> None:
         await vol.write(0, b"H" * 4096)
         monkeypatch.setattr(vmod, "pwrite_full", late)
         with pytest.raises(VolumeIOError):
             await vol.write(0, b"T" * 4096)
         monkeypatch.undo()
-        await trio.sleep(1.0)  # a's write lands
         assert (a.state, b.state) == ("online", "online")
         assert vol.status()["volume"]["regions"]["suspect_bytes"] > 0
+    return step
+
+
+def _data_at_0(vol, found) -> list[bytes]:
+    out = []
+    for f in found:
+        with open(f.path, "rb") as fh:
+            fh.seek(vol.sb.data_offset)
+            out.append(fh.read(4096))
+    return out
+
+
+def test_a_write_given_up_on_every_member_is_resynced_at_the_next_mount(tmp_path, monkeypatch):
+    """The calls of a write given up on every in-sync member still running
+    at the unmount (here: no background tasks, so no online resync): the
+    region stays marked, the unmount leaves the volume unclean, and the
+    next mount resyncs it from one member: the members end identical.
+    (Found by audit: they stayed different, the volume clean.)"""
+    from raid1fs.superblock import read_superblock
+
+    vol, found = _engine_volume(tmp_path, io_timeout=0.3)
+    late_write = _late_write_on_every_member(vol, monkeypatch)
+
+    async def scenario() -> None:
+        await vol.start()
+        await late_write()
+        await trio.sleep(1.0)  # a's write lands
         await vol.shutdown()
 
     _run(scenario, found)
-    paths = [f.path for f in found]
-    for p in paths:
-        with open(p, "rb") as f:
-            assert read_superblock(f.fileno(), p)[0].clean is False, p
+    for f in found:
+        with open(f.path, "rb") as fh:
+            assert read_superblock(fh.fileno(), f.path)[0].clean is False, f.path
     vol, found = _engine_volume(tmp_path)
 
     async def remount() -> None:
@@ -700,12 +719,42 @@ def test_a_write_given_up_on_every_member_is_resynced_at_the_next_mount(tmp_path
             n.cancel_scope.cancel()
 
     _run(remount, found)
-    data = []
-    for p in paths:
-        with open(p, "rb") as f:
-            f.seek(vol.sb.data_offset)
-            data.append(f.read(4096))
+    data = _data_at_0(vol, found)
     assert data[0] == data[1], [d[:4] for d in data]
+
+
+def test_a_write_given_up_on_every_member_is_resynced_once_its_calls_end(tmp_path,
+                                                                        monkeypatch):
+    """The same, mounted on: once the calls given up on have ended (none
+    can land later), the mount resyncs the suspect region from one member
+    by itself, the members end identical, and the unmount is clean."""
+    from raid1fs.superblock import read_superblock
+
+    vol, found = _engine_volume(tmp_path, io_timeout=0.3)
+    late_write = _late_write_on_every_member(vol, monkeypatch)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as n:
+            await vol.start(n)
+            await late_write()
+            deadline = trio.current_time() + 10
+            while vol.regions.suspect or not any(x.last_rebuild for x in vol.members):
+                assert trio.current_time() < deadline, vol.status()["members"]
+                await trio.sleep(0.02)
+            last = [x.last_rebuild for x in vol.members if x.last_rebuild]
+            assert [x.state for x in vol.members] == ["online", "online"]
+            assert len(last) == 1 and last[0]["kind"] == "resync", last  # not in full
+            assert last[0]["copied_bytes"] == vol.regions.region, last
+            assert vol.status()["volume"]["regions"]["suspect_bytes"] == 0
+            await vol.shutdown()
+            n.cancel_scope.cancel()
+
+    _run(scenario, found)
+    data = _data_at_0(vol, found)
+    assert data[0] == data[1], [d[:4] for d in data]
+    for f in found:
+        with open(f.path, "rb") as fh:
+            assert read_superblock(fh.fileno(), f.path)[0].clean is True, f.path
 
 
 def test_a_remove_whose_commit_reaches_no_in_sync_member_changes_nothing(tmp_path, monkeypatch):

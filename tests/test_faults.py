@@ -200,6 +200,56 @@ def test_hung_member_does_not_wedge_the_volume(env):
     assert st["volume"]["in_use"] == [], st["volume"]
 
 
+def test_a_write_given_up_on_every_member_is_resynced_once_the_members_answer(env):
+    """Both members hang during a write: the caller gets EIO after the I/O
+    timeout, nobody is failed (the last in-sync member is kept), and the
+    region is suspect. The hung calls then end, landing on A and failing on
+    B, so the members differ there; the mount resyncs that region from one
+    member by itself, at once, and the unmount is clean: the members' data
+    regions are byte-identical, read on their own."""
+    _, ffs = env.faultfs()
+    a, b = env.create(ffs / "a.img", ffs / "b.img", size="16M")
+    mnt = env.mount(a, b, opts=["--io-timeout", "1"])
+    fd = os.open(mnt / "disk", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"H" * 4096, 0)  # the region's intent bit is set now
+        faultfs("set", ffs, "hang")
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"T" * 4096, 0)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    st = status_json(mnt)
+    assert [member_state(st, x) for x in (a, b)] == ["online", "online"], st["members"]
+    assert st["volume"]["regions"]["suspect_bytes"] == MiB, st["volume"]["regions"]
+    time.sleep(1.5)  # a suspect region is not resynced while its calls hang
+    st = status_json(mnt)
+    assert st["volume"]["regions"]["suspect_bytes"] == MiB, st["volume"]["regions"]
+    assert not any(x["last_rebuild"] for x in st["members"]), st["members"]
+    faultfs("set", ffs, "eio-write", "--match", "b.img")  # A's write lands, B's fails
+    faultfs("set", ffs, "ok")
+
+    def resynced():
+        st = status_json(mnt)
+        return st["volume"]["regions"]["suspect_bytes"] == 0 and \
+            st["volume"]["state"] == "clean" and \
+            any(x["last_rebuild"] for x in st["members"]) and st
+    st = wait_for(resynced, timeout=15, what="the suspect region resynced")
+    last = [x["last_rebuild"] for x in st["members"] if x["last_rebuild"]]
+    assert len(last) == 1 and last[0]["kind"] == "resync", last
+    assert last[0]["copied_bytes"] == MiB, last  # the one region, not the volume
+    drop_cache(mnt / "disk")
+    with open(mnt / "disk", "rb") as f:
+        seen = f.read(4096)
+    assert seen in (b"H" * 4096, b"T" * 4096)
+    r = raid1fs("umount", mnt)
+    assert r.stderr == "", r.stderr
+    st = status_json(a, b)
+    assert st["volume"]["clean_shutdown"] is True, st["volume"]
+    assert data_region_hash(a, st) == data_region_hash(b, st)
+    assert sha256(a, st["members"][0]["data_offset"], 4096) == hashlib.sha256(seen).hexdigest()
+
+
 def test_failed_member_is_stale_at_next_mount(env):
     """A member that failed a write is recorded failed on the survivor before
     the write returns; at the next mount it is recognised as stale, serves no
