@@ -61,8 +61,8 @@ def holds_data(fd: int, is_block: bool, path: str = "",
     file it serves. Any other block device cannot be read whole in
     reasonable time: its first and last DATA_SCAN_LIMIT bytes are read, and
     `blkid` looks for the signature of a file system, partition table or
-    volume manager anywhere on it. `alive` is called after every read (a
-    caller that times the scan times each read).
+    volume manager anywhere on it. `alive` is called after every read and
+    seek (a caller that times the scan times each of them).
     """
     end = m.device_size(fd)
     if not is_block:
@@ -96,9 +96,11 @@ def _extents_hold_data(fd: int, lo: int, hi: int, alive: Callable[[], None]) -> 
             pos = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError:
             return False  # no data after pos
+        alive()
         if pos >= hi:
             return False
         hole = min(os.lseek(fd, pos, os.SEEK_HOLE), hi)
+        alive()
         if _range_holds_data(fd, pos, hole, alive):
             return True
         pos = hole
@@ -131,17 +133,23 @@ def _signature(path: str) -> str:
     found = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
     return found.get("TYPE") or found.get("PTTYPE") or "a signature"
 
-def _inspect(path: str, force: bool) -> Target:
+def _inspect(path: str, force: bool, alive: Callable[[], None] = lambda: None) -> Target:
+    """What path is, with create's checks (`alive` as for open_new_member;
+    called only on the new-path branch, which add uses)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
+        alive()
         if os.path.islink(path):
             raise BadMemberError(f"{path}: dangling symbolic link") from None
+        alive()
         parent = os.path.dirname(path) or "."
         if not os.path.isdir(parent):
             raise BadMemberError(f"{path}: parent directory does not exist") from None
+        alive()
         if not os.access(parent, os.W_OK):
             raise BadMemberError(f"{path}: cannot create: directory not writable") from None
+        alive()
         return Target(path, exists=False)
     except OSError as e:
         raise BadMemberError(f"{path}: cannot access: {e.strerror}") from None
@@ -256,9 +264,11 @@ def create_disk(paths: list[str], name: str, size: int | None, checksums: bool,
     return sbs[0]
 
 
-def _open_all(targets: list[Target], member_bytes: int) -> list[int]:
+def _open_all(targets: list[Target], member_bytes: int,
+              alive: Callable[[], None] = lambda: None) -> list[int]:
     """Open (or create, sparse) every member before writing any: if one
-    cannot be had, the files made so far are removed and nothing was written."""
+    cannot be had, the files made so far are removed and nothing was written.
+    `alive` is called after each step."""
     fds: list[int] = []
     made: list[str] = []
     try:
@@ -272,12 +282,14 @@ def _open_all(targets: list[Target], member_bytes: int) -> list[int]:
                 raise BadMemberError(f"{t.path}: cannot create: {e.strerror}") from None
             made.append(t.path)
             fds.append(fd)
+            alive()
             _lock_new(fd, t.path)
             try:
                 os.ftruncate(fd, member_bytes)
             except OSError as e:
                 raise BadMemberError(f"{t.path}: cannot size to {member_bytes} bytes: "
                                      f"{e.strerror}") from None
+            alive()
     except BaseException:
         for fd in fds:
             m.close_member(fd)
@@ -363,13 +375,17 @@ def open_new_member(path: str, member_bytes: int, volume_uuid: str,
     be large enough and hold nothing: no data, no metadata of another volume
     (there is no --force here: wipe it first). One that carries this
     volume's metadata is accepted; the caller decides what it is.
+
+    `alive` is called after each step (each system call, or few): a caller
+    that times this call times each step, so a slow path that answers is
+    not taken for a hung one.
     """
     path = os.path.abspath(path)
     try:
         os.stat(path)
     except FileNotFoundError:
-        t = _inspect(path, force=False)  # parent checks
-        fd = _open_all([t], member_bytes)[0]
+        t = _inspect(path, False, alive)  # parent checks
+        fd = _open_all([t], member_bytes, alive)[0]
         try:
             return NewMember(path, fd, True, None, fd_identities(fd))
         except OSError as e:
@@ -378,14 +394,19 @@ def open_new_member(path: str, member_bytes: int, volume_uuid: str,
             raise BadMemberError(f"{path}: cannot stat: {e.strerror}") from None
     except OSError as e:
         raise BadMemberError(f"{path}: cannot access: {e.strerror}") from None
+    alive()
     fd = m.open_member(path, writable=True)
     try:
+        alive()
         size = m.device_size(fd)
+        alive()
         if size < member_bytes:
             raise BadMemberError(f"{path}: too small: {format_size(size)}, this volume needs "
                                  f"{format_size(member_bytes)} ({member_bytes} bytes)")
         old = None
-        if has_signature(fd):
+        signed = has_signature(fd)
+        alive()
+        if signed:
             try:
                 old, _ = read_superblock(fd, path)
             except MetadataError:
@@ -405,10 +426,13 @@ def open_new_member(path: str, member_bytes: int, volume_uuid: str,
         raise
 
 
-def init_member(fd: int, sb: Superblock) -> None:
+def init_member(fd: int, sb: Superblock, alive: Callable[[], None] = lambda: None) -> None:
     """Give a joining member its superblock: both copies, after wiping any
-    older ones (whose sequence numbers could outrank the new)."""
+    older ones (whose sequence numbers could outrank the new). `alive` is
+    called after each write."""
     os.pwrite(fd, bytes(SB_COPIES * SB_SIZE), 0)
+    alive()
     sb.seq = 0
     write_superblock(fd, sb)
+    alive()
     write_superblock(fd, sb)

@@ -1450,7 +1450,7 @@ class Volume:
         slot = next((i for i, e in enumerate(slots) if e.state == REMOVED), len(slots))
         sb = self._sb_for_new(slot)
         try:
-            await self._bounded(nm.path, create.init_member, nm.fd, sb)
+            await self._bounded(nm.path, create.init_member, nm.fd, sb, progress=True)
         except (GivenUp, trio.Cancelled):
             # Its thread may still write through nm.fd: the number must not
             # name another file when it does. It goes to /dev/null and stays

@@ -369,6 +369,29 @@ def test_add_of_a_hung_path_gives_up_after_the_io_timeout(env):
     assert str(ffs / "new.img") not in [m["path"] for m in status_json(mnt)["members"]]
 
 
+def test_add_of_a_slow_path_that_answers_is_not_taken_for_a_hung_one(env):
+    """`add` of a new image on a file system that answers every request,
+    each 0.4 s late (a quarter of --io-timeout): the add's checks take
+    several such requests, longer than the timeout in all, and the path is
+    still added (the timeout applies to each request, not to the whole
+    check). (Found by a chaos drill: refused as "no answer".)"""
+    _, ffs = env.faultfs()
+    a, b = env.create("a.img", "b.img", size="16M")
+    mnt = env.mount(a, b, opts=["--io-timeout", "1.5"])
+    raid1fs("fail", mnt, b)
+    raid1fs("remove", mnt, b)
+    faultfs("set", ffs, "delay", "--delay", "0.4")
+    t0 = time.monotonic()
+    r = raid1fs("add", mnt, ffs / "new.img", check=False)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert elapsed > 1.5, f"{elapsed:.1f} s: the checks did not outlast the timeout"
+    faultfs("set", ffs, "ok")
+    raid1fs("rebuild", "--wait", mnt)
+    st = status_json(mnt)
+    assert member_state(st, ffs / "new.img") == "online", st["members"]
+
+
 def test_a_hung_member_path_fails_mount_and_status_instead_of_hanging_them(env):
     """A member on a file system that hangs: `mount` fails after about
     --io-timeout, `status MEMBER...` after RAID1FS_IO_TIMEOUT, each with one
