@@ -1069,3 +1069,157 @@ def test_a_new_image_locked_by_a_racing_add_the_moment_it_is_made_still_joins(
             os.close(probe)
     finally:
         os.close(nm.fd)
+
+
+# ----- the region log's rules (docs/write-ordering.md 9-12), one by one ------
+
+def _region_log(size: int = 1 << 30):
+    from raid1fs.regions import RegionLog
+    rl = RegionLog(make_sb(size))
+    assert rl.group > 1 and rl.nregions > 2 * rl.group  # at least two groups
+    return rl
+
+
+def test_a_write_across_a_group_boundary_marks_both_groups():
+    """Rule 9: every group a write touches gets its intent bits before the
+    write, not only the group it starts in."""
+    rl = _region_log()
+    edge = rl.group * rl.region  # the first byte of the second group
+    regions, need = rl.begin(edge - 4096, 8192, recording=False)
+    assert need and list(regions) == [rl.group - 1, rl.group]
+    assert rl.intent.test(rl.group - 1) and rl.intent.test(rl.group)
+    assert rl.intent.test(0) and rl.intent.test(2 * rl.group - 1)  # whole groups
+    assert not rl.intent.test(2 * rl.group)
+
+
+def test_missed_bits_are_written_before_intent_bits():
+    """Rule 12: the missed-writes bitmap goes out before the intent bitmap,
+    so a cleared intent bit never reaches a member before the missed bit
+    that replaces it."""
+    rl = _region_log()
+    rl.begin(0, 4096, recording=True)
+    spans = rl.take_dirty()
+    assert [off for off, _ in spans] == [rl.offset + rl.nbytes, rl.offset], spans
+    assert spans[0][1][0] & 1 and spans[1][1][0] & 1  # region 0 set in both
+
+
+def test_a_group_written_again_while_it_is_cleared_keeps_its_intent_bits():
+    """Rule 10: a group found idle is cleared only if no write started in
+    it since (one may have begun during the clearing fdatasync, and its data
+    is not covered by it)."""
+    rl = _region_log()
+    regions, _ = rl.begin(0, 4096, recording=False)
+    rl.end(regions, 0.0)
+    idle = rl.idle_groups(100.0)
+    assert idle == {0: 1}
+    regions, _ = rl.begin(8192, 4096, recording=False)  # during the fdatasync
+    rl.end(regions, 0.0)
+    assert rl.clear_groups(idle) == 0 and rl.intent.test(0)
+    idle = rl.idle_groups(100.0)
+    assert rl.clear_groups(idle) == 1 and not rl.intent.test(0)
+
+
+def test_a_read_timeout_on_the_last_in_sync_member_does_not_fail_it(tmp_path):
+    """Rule 4 for reads: the last in-sync member whose read times out is
+    kept (the caller gets EIO), not failed: failing it would leave the
+    volume with no member at all."""
+    from raid1fs.errors import MemberTimeoutError, VolumeIOError
+
+    vol, found = _engine_volume(tmp_path)
+    a, b = vol.members
+
+    async def timed_out(offset, length):
+        raise MemberTimeoutError(a.path, "read", "no answer within the I/O timeout")
+
+    async def scenario() -> None:
+        await vol.start()
+        await vol.fail(b.path)
+        a.pread = timed_out
+        with pytest.raises(VolumeIOError):
+            await vol.read(0, 4096)
+        assert (a.state, vol.state) == ("online", "degraded")
+
+    _run(scenario, found)
+
+
+def _record_member_calls(vol, monkeypatch, calls: list) -> None:
+    """Record, in order, the fsyncs and fdatasyncs of member fds and the
+    superblock and bitmap writes (with the superblock's clean flag and
+    intent bit 0), as ("fsync"|"fdatasync"|"sb"|"spans", fd, detail)."""
+    from raid1fs import volume as vmod
+
+    fds = {x.fd for x in vol.members}
+    real = {n: getattr(os, n) for n in ("fsync", "fdatasync")}
+    real_sb, real_spans = vmod.write_superblock, vmod.write_spans
+
+    def syncer(name):
+        def call(fd):
+            if fd in fds:
+                calls.append((name, fd, None))
+            return real[name](fd)
+        return call
+
+    def sb(fd, sbk, *a, **kw):
+        calls.append(("sb", fd, sbk.clean))
+        return real_sb(fd, sbk, *a, **kw)
+
+    def spans(fd, sp):
+        intent = [data[0] & 1 for off, data in sp if off == vol.regions.offset]
+        calls.append(("spans", fd, intent[0] if intent else None))
+        return real_spans(fd, sp)
+
+    for n in real:
+        monkeypatch.setattr(os, n, syncer(n))
+    monkeypatch.setattr(vmod, "write_superblock", sb)
+    monkeypatch.setattr(vmod, "write_spans", spans)
+
+
+def test_the_unmount_makes_data_durable_before_it_marks_members_clean(tmp_path, monkeypatch):
+    """Rule 7's other half: a member is marked clean only after an fsync of
+    it made every write durable; else a crash just after could leave it
+    clean (no resync) without data the others have."""
+    vol, found = _engine_volume(tmp_path)
+    calls: list = []
+
+    async def scenario() -> None:
+        await vol.start()
+        await vol.write(0, b"d" * 4096)
+        _record_member_calls(vol, monkeypatch, calls)
+        await vol.shutdown()
+        monkeypatch.undo()
+
+    _run(scenario, found)
+    for x in vol.members:
+        mine = [(kind, detail) for kind, fd, detail in calls if fd == x.fd]
+        clean = mine.index(("sb", True))
+        assert ("fsync", None) in mine[:clean], mine
+
+
+def test_intent_bits_are_cleared_only_after_an_fdatasync_of_the_member(tmp_path, monkeypatch):
+    """Rule 10: when a quiet group's intent bits are cleared, the bitmap
+    write that clears them on a member comes after an fdatasync of that
+    member made the group's writes durable."""
+    from raid1fs import regions
+
+    monkeypatch.setattr(regions, "INTENT_LINGER", 0.1)
+    vol, found = _engine_volume(tmp_path)
+    calls: list = []
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as n:
+            await vol.start(n)
+            _record_member_calls(vol, monkeypatch, calls)
+            await vol.write(0, b"d" * 4096)
+            with trio.fail_after(10):
+                while vol.regions.intent.test(0):
+                    await trio.sleep(0.05)
+            await trio.sleep(0.2)  # the clearing bitmap write reaches every member
+            monkeypatch.undo()
+            n.cancel_scope.cancel()
+
+    _run(scenario, found)
+    for x in vol.members:
+        mine = [(kind, detail) for kind, fd, detail in calls if fd == x.fd]
+        marked = mine.index(("spans", 1))
+        cleared = mine.index(("spans", 0), marked)
+        assert ("fdatasync", None) in mine[marked:cleared], mine
