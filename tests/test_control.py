@@ -40,6 +40,51 @@ def member(st: dict, path) -> dict:
 
 # ----- guarantee 10 -----------------------------------------------------------------
 
+def test_the_user_who_mounted_is_let_through_and_other_users_are_not():
+    """Guarantee 10 for a mount made by an unprivileged user (uid nobody
+    here): the control channel serves that user and root, and refuses any
+    other user, by the peer's credentials (the socket itself is 0666). The
+    mount's own server, on a socket of its own (this machine lets only
+    root open /dev/fuse, so nobody cannot mount for real)."""
+    import tempfile
+
+    import trio
+
+    other = str(int(NOBODY) - 1)  # a uid with no account: a stranger
+    d = tempfile.mkdtemp(prefix="raid1fs-ctl-")
+    os.chmod(d, 0o755)
+    sock = os.path.join(d, "c.sock")
+    client = ("import json, socket, sys; s = socket.socket(socket.AF_UNIX); "
+              "s.connect(sys.argv[1]); s.sendall(b'{\"cmd\": \"fail\"}\\n'); "
+              "print(json.loads(s.makefile().readline()))")
+    answers = {}
+
+    async def failed(req):
+        return "failed"
+
+    async def main() -> None:
+        server = control.ControlServer(sock, {"fail": failed}, owner_uid=int(NOBODY))
+        async with trio.open_nursery() as n:
+            await n.start(server.serve)
+            assert stat.S_IMODE(os.stat(sock).st_mode) == 0o666
+            for who in (NOBODY, other, "0"):
+                cmd = ["setpriv", f"--reuid={who}", f"--regid={who}", "--clear-groups", "--",
+                       sys.executable, "-c", client, sock]
+                r = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True,
+                                           check=False)
+                answers[who] = (r.stdout.decode() + r.stderr.decode()).strip()
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        subprocess.run(["rm", "-rf", d])
+    assert answers[NOBODY] == "{'ok': True, 'result': 'failed'}", answers
+    assert answers["0"] == "{'ok': True, 'result': 'failed'}", answers
+    assert "'ok': False" in answers[other] and "permission denied" in answers[other], answers
+    assert f"only root and uid {NOBODY}" in answers[other], answers
+
+
 def test_nobody_can_run_the_client():
     """Sanity for the tests below: user nobody can start the raid1fs CLI
     from the project's venv (else a refusal would prove nothing)."""
