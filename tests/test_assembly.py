@@ -214,6 +214,30 @@ def test_failed_member_is_behind_unless_it_was_used_alone_since(env):
     assert [open(p, "rb").read() for p in (a, b, c, d)] == before
 
 
+def test_a_failed_member_killed_in_its_first_mount_alone_is_split_not_behind(env):
+    """The boundary of the rule above: c, failed, is mounted alone and
+    written, and that mount is killed (kill -9), so its mount's own commit
+    is the only change c made: c's event counter now equals the one the
+    others recorded it gone at. It still went on without them: split brain,
+    refused; every member unchanged."""
+    from test_crash import kill_daemon
+
+    a, b, c = env.create("a.img", "b.img", "c.img", size="16M")
+    mnt = _mountpoint(env)
+    raid1fs("mount", a, b, c, mnt)
+    raid1fs("fail", mnt, c)
+    _write(mnt, b"N" * MiB)
+    raid1fs("umount", mnt)
+    raid1fs("mount", "--degraded", c, mnt)  # c used apart from the volume
+    _write(mnt, b"C" * MiB)
+    kill_daemon(mnt)
+    raid1fs("umount", mnt)  # detaches the dead mount
+    before = [open(p, "rb").read() for p in (a, b, c)]
+    r = raid1fs("mount", a, b, c, mnt, check=False)
+    assert r.returncode != 0 and "split brain" in r.stderr and str(c) in r.stderr, r.stderr
+    assert [open(p, "rb").read() for p in (a, b, c)] == before
+
+
 def test_missing_member_refused_without_degraded(env):
     """A member of the volume missing at mount: refused, naming it, unless
     --degraded; nothing written to the member that is there."""

@@ -672,6 +672,37 @@ def test_kill9_after_idle_resyncs_nothing(env):
 # ----- the ordering a kill -9 can hardly hit -------------------------------------------
 
 
+def test_a_member_missing_after_a_crash_is_resynced_over_the_crash_regions(env):
+    """A crash leaves a region where the members may differ (its intent bit
+    set); the next mount has only A (--degraded). When B comes back, it is
+    sent that region too, not only what A wrote alone: the crash's regions
+    go into the missed-writes bitmap. (A write that reached A alone before
+    the kill stands in as A's copy changed behind raid1fs's back.)"""
+    a, b = env.create("a.img", "b.img", size="64M")
+    mnt = env.mount(a, b)
+    fd = os.open(mnt / "disk", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"W" * MiB, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert status_json(mnt)["volume"]["regions"]["intent_bytes"] > 0
+    kill_daemon(mnt)  # within the intent bits' linger: they stay set
+    raid1fs("umount", mnt)
+    off = status_json(a)["members"][0]["data_offset"]
+    with open(a, "r+b") as f:  # in flight at the kill: reached A only
+        f.seek(off)
+        f.write(b"X" * 4096)
+    raid1fs("mount", "--degraded", a, mnt)
+    raid1fs("umount", mnt)
+    raid1fs("mount", a, b, mnt)
+    raid1fs("rebuild", "--wait", mnt)
+    st = status_json(mnt)
+    assert member_entry(st, b)["last_rebuild"]["copied_bytes"] >= MiB, st["members"]
+    raid1fs("umount", mnt)
+    members_identical([a, b], None, "after the crash and a degraded mount")
+
+
 def test_after_kill9_offline_status_and_umount_tell_the_truth(env):
     """After kill -9 with writes in flight: offline status says the members
     are not known to be in sync (exit 1, the resync pending, named in the
