@@ -870,20 +870,23 @@ class Volume:
             source = self._source()
             targets = [x for x in self.online() if x is not source]
             pending = rl.suspect.copy()
-            if targets:
-                rl.missed |= pending  # kept until every member holds those regions
-                for x in targets:
-                    entry = self.sb.roster_entry(x.uuid)
-                    assert entry is not None
-                    self._set_rebuilding(x, entry, pending.copy(), full=False)
-                await self._flush_regions()  # the bitmaps before the roster names them
-                await self._commit()
-            rl.suspect.clear_all()
             log.warning("regions a given-up write left suspect (%s): %s",
                         _mib(rl.bytes_of(pending)),
                         "resyncing them" if targets else "one in-sync member, nothing to resync")
-            for x in targets:
-                self._spawn_rebuild(x)
+            try:
+                if targets:
+                    rl.missed |= pending  # kept until every member holds those regions
+                    for x in targets:
+                        entry = self.sb.roster_entry(x.uuid)
+                        assert entry is not None
+                        self._set_rebuilding(x, entry, pending.copy(), full=False)
+                    await self._flush_regions()  # the bitmaps before the roster names them
+                    await self._commit()
+                rl.suspect.clear_all()  # (not when that failed: the unmount stays unclean)
+            finally:
+                for x in targets:  # copying anyway: none is left rebuilding with no rebuild
+                    if x.state == m.REBUILDING:
+                        self._spawn_rebuild(x)
 
     async def _maybe_clear_missed(self) -> None:
         """Empty the missed-writes bitmap once nobody is away or behind.
