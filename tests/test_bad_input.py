@@ -327,13 +327,14 @@ def test_create_refuses_member_too_small(env, with_size):
     assert_unchanged(before)
 
 
-def test_a_member_cut_short_since_create_is_refused(env):
+@pytest.mark.parametrize("cut", [MiB, 4096])
+def test_a_member_cut_short_since_create_is_refused(env, cut):
     """A member image truncated (or a smaller device put in its place) after
-    create: mount, mount --degraded with it and offline status refuse it in
-    one line naming it and its size, and nothing is changed; without it the
-    volume mounts degraded."""
+    create, by a lot or by one block: mount, mount --degraded with it and
+    offline status refuse it in one line naming it and its size, and
+    nothing is changed; without it the volume mounts degraded."""
     a, b = env.create("a.img", "b.img", size=SIZE)
-    os.truncate(b, os.path.getsize(b) - MiB)
+    os.truncate(b, os.path.getsize(b) - cut)
     before = snapshot(a, b)
     mnt = env.mkdir("mnt")
     for r in (mount(a, b, mnt), mount("--degraded", b, mnt)):

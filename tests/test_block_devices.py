@@ -8,6 +8,7 @@ import time
 
 from conftest import (
     MiB,
+    _unmount_raid1fs,
     data_region_hash,
     faultfs,
     member_state,
@@ -212,3 +213,30 @@ def test_the_renamed_file_behind_a_loop_device_member_is_known_as_that_member(en
     assert "already a member" in line, line
     assert sha256(renamed) == before
     assert status_json(mnt)["volume"]["state"] == "clean"
+
+
+def test_a_block_device_another_program_holds_exclusively_is_refused(env):
+    """A device opened exclusively elsewhere (mounted, or a member of
+    another array: O_EXCL) is refused as busy by create, mount and add,
+    each in one line naming it, and nothing changes (a flock alone would
+    not see such a holder)."""
+    dev = env.losetup(_image(env, "m1.img"))
+    b, c = env.path("b.img"), env.path("c.img")
+    raid1fs("create", "--kind", "disk", "--size", "40M", dev, b)
+    before = snapshot(dev, b)
+    holder = os.open(dev, os.O_RDONLY | os.O_EXCL)
+    try:
+        mnt = env.mkdir("mnt")
+        env.cleanup.push(_unmount_raid1fs, str(mnt))  # if it mounts after all
+        r = raid1fs("mount", dev, b, mnt, check=False)
+        assert "busy" in assert_refused(r, dev)
+        assert not os.path.ismount(mnt)
+        r = raid1fs("create", "--kind", "disk", "--size", "40M", "--force", dev, c, check=False)
+        assert "busy" in assert_refused(r, dev)
+        assert not os.path.exists(c)
+        assert_unchanged(before)
+        mnt = env.mount(b, opts=["--degraded"])
+        r = raid1fs("add", mnt, dev, check=False)
+        assert "busy" in assert_refused(r, dev)
+    finally:
+        os.close(holder)

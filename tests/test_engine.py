@@ -1223,3 +1223,242 @@ def test_intent_bits_are_cleared_only_after_an_fdatasync_of_the_member(tmp_path,
         marked = mine.index(("spans", 1))
         cleared = mine.index(("spans", 0), marked)
         assert ("fdatasync", None) in mine[marked:cleared], mine
+
+
+# ----- round two of the mutation audit: rebuild, heal, range lock, short I/O --
+
+def test_a_rebuilding_member_serves_a_read_only_if_it_holds_every_region_of_it(tmp_path):
+    """A read spanning a region the rebuilding member holds and one it does
+    not yet hold goes to an in-sync member, wherever the read starts."""
+    vol, found = _engine_volume(tmp_path, 3)
+
+    async def scenario() -> None:
+        await vol.start()
+        c = _rebuilding_third(vol)  # holds region 0 only
+        reg = vol.regions.region
+        assert c in vol.readers(0, 4096)
+        assert c not in vol.readers(0, 2 * reg)
+        assert c not in vol.readers(reg - 4096, 8192)
+
+    _run(scenario, found)
+
+
+def test_a_region_handed_back_during_a_rebuild_is_copied_before_it_ends(tmp_path):
+    """A region already copied and handed back (copy_again: a write that
+    reached only the rebuilding member) while the pass goes on is copied in
+    another pass; the rebuild ends only when nothing is pending."""
+    from raid1fs.create import create_disk
+
+    paths = [str(tmp_path / f"m{i}.img") for i in range(3)]
+    create_disk(paths, "t", 32 << 20, True, False)  # four 8 MiB chunks
+    vol, found = _engine_volume(tmp_path, 3)
+    a = vol.members[0]
+    real_copy = vol._copy
+    handed_back = []
+
+    async def copy(x, lo, hi):
+        if hi == vol.size and not handed_back:  # the last chunk of the first pass
+            handed_back.append(lo)
+            x.rebuild.copy_again(0, 1)
+        return await real_copy(x, lo, hi)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as n:
+            await vol.start(n)
+            c = _rebuilding_third(vol)
+            c.rebuild.pending.set_range(0, 1)  # all of it, region 0 too
+            os.pwrite(a.fd, b"A" * 4096, a.data_offset)  # region 0 on the source
+            vol._copy = copy
+            vol._spawn_rebuild(c)
+            with trio.fail_after(20):
+                await c.rebuild.finished.wait()
+            assert handed_back and c.state == "online" and c.rebuild is None
+            assert os.pread(c.fd, 4096, c.data_offset) == b"A" * 4096
+            await vol.shutdown()
+            n.cancel_scope.cancel()
+
+    _run(scenario, found)
+
+
+def test_a_member_failed_during_a_full_rebuild_is_rebuilt_in_full_when_re_added(tmp_path):
+    """What a member lacks is unknown while its full rebuild runs: failed
+    then, the roster keeps 'full', and re-added it is rebuilt in full, not
+    resynced over the missed-writes bitmap."""
+    vol, found = _engine_volume(tmp_path, 3)
+
+    async def scenario() -> None:
+        await vol.start()
+        c = _rebuilding_third(vol)  # a full rebuild, region 0 copied
+        await vol._commit()
+        await vol.fail(c.path)
+        assert c.state == "failed" and vol.sb.roster_entry(c.uuid).rebuild_full
+        await vol._readd(c, False)
+        assert c.rebuild.full and c.rebuild.pending.count() == vol.regions.nregions
+
+    _run(scenario, found)
+
+
+def test_a_rebuild_makes_the_member_durable_before_it_is_committed_in_sync(tmp_path,
+                                                                         monkeypatch):
+    """Rule 15's end: a rebuilt member is marked active only after an
+    fdatasync of it, so a power cut cannot leave it in sync on paper with
+    copied data lost."""
+    from raid1fs import volume as vmod
+
+    vol, found = _engine_volume(tmp_path, 3)
+    calls: list = []
+    real_sb, real_fdatasync = vmod.write_superblock, os.fdatasync
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as n:
+            await vol.start(n)
+            c = _rebuilding_third(vol)
+
+            def fdatasync(fd):
+                if fd == c.fd:
+                    calls.append("fdatasync")
+                return real_fdatasync(fd)
+
+            def sb(fd, s, *a, **kw):
+                e = s.roster_entry(c.uuid)
+                if fd == vol.members[0].fd and e is not None:
+                    calls.append(e.state)
+                return real_sb(fd, s, *a, **kw)
+
+            monkeypatch.setattr(os, "fdatasync", fdatasync)
+            monkeypatch.setattr(vmod, "write_superblock", sb)
+            vol._spawn_rebuild(c)
+            with trio.fail_after(20):
+                await c.rebuild.finished.wait()
+            monkeypatch.undo()
+            assert c.state == "online"
+            await vol.shutdown()
+            n.cancel_scope.cancel()
+
+    _run(scenario, found)
+    active = calls.index("active")
+    assert "fdatasync" in calls[:active], calls
+
+
+def _heal_scenario(tmp_path, monkeypatch, rewrite_fails: bool):
+    """X written at 0; a's copy there is then garbage and its first read
+    there fails (EIO); b is made the second choice for reads."""
+    import errno
+
+    from raid1fs import member as mmod
+    from raid1fs import volume as vmod
+
+    vol, found = _engine_volume(tmp_path)
+    a, b = vol.members
+    data = os.urandom(8192)
+    real_pread, real_pwrite = mmod.pread_full, vmod.pwrite_full
+    failed_once = []
+
+    def pread(fd, length, offset):
+        if fd == a.fd and not failed_once:
+            failed_once.append(offset)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pread(fd, length, offset)
+
+    def pwrite(fd, d, offset, sync):
+        if fd == a.fd:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pwrite(fd, d, offset, sync)
+
+    async def scenario() -> None:
+        await vol.start()
+        await vol.write(0, data)
+        os.pwrite(a.fd, b"\xee" * 8192, a.data_offset)
+        b.stats.recent_errors = 5  # a is tried first
+        monkeypatch.setattr(mmod, "pread_full", pread)
+        if rewrite_fails:
+            monkeypatch.setattr(vmod, "pwrite_full", pwrite)
+        assert await vol.read(0, 8192) == data
+        monkeypatch.undo()
+        assert failed_once
+
+    _run(scenario, found)
+    return vol, a, data
+
+
+def test_a_read_error_is_healed_from_the_good_copy(tmp_path, monkeypatch):
+    """Rule 5: a read that fails on a is served by b, and a's copy there is
+    rewritten from b's; a stays in sync."""
+    vol, a, data = _heal_scenario(tmp_path, monkeypatch, rewrite_fails=False)
+    with open(a.path, "rb") as f:
+        f.seek(vol.sb.data_offset)
+        assert f.read(8192) == data
+    assert a.state == "online"
+
+
+def test_a_member_whose_healing_rewrite_fails_is_failed(tmp_path, monkeypatch):
+    """Rule 5 and 3: when rewriting the bad copy fails too, that member is
+    failed, durably (the survivor's metadata says so)."""
+    from raid1fs.superblock import read_superblock
+
+    vol, a, _ = _heal_scenario(tmp_path, monkeypatch, rewrite_fails=True)
+    assert a.state == "failed"
+    b = vol.members[1]
+    with open(b.path, "rb") as f:
+        assert read_superblock(f.fileno(), b.path)[0].roster_entry(a.uuid).state == "failed"
+
+
+def test_range_lock_makes_a_range_that_covers_or_ends_in_a_held_one_wait():
+    """Overlap in every shape: ranges starting before a held one and ending
+    inside it or beyond it wait for it; one starting at its end does not."""
+    order: list[tuple[int, int]] = []
+
+    async def scenario() -> None:
+        lock = RangeLock()
+        held = await lock.acquire(50, 150)
+
+        async def take(s: int, e: int) -> None:
+            entry = await lock.acquire(s, e)
+            order.append((s, e))
+            lock.release(entry)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(take, 0, 100)
+            n.start_soon(take, 0, 200)
+            n.start_soon(take, 150, 300)
+            await trio.sleep(0.1)
+            assert order == [(150, 300)]
+            lock.release(held)
+    trio.run(scenario)
+    assert sorted(order) == [(0, 100), (0, 200), (150, 300)]
+
+
+@pytest.mark.parametrize("size", [64 << 10, 1 << 20])
+def test_member_writes_finish_what_a_short_write_left(tmp_path, monkeypatch, size):
+    """pwrite_full writes the rest after a short write, at the right offset,
+    on the small-write path and on the large (write-out) one."""
+    from raid1fs import member as mmod
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    data = os.urandom(size)
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda f, b, off: real_pwrite(f, bytes(b[:4096]), off))
+    monkeypatch.setattr(os, "pwritev", lambda f, bufs, off, flags=0:
+                        real_pwrite(f, bytes(bufs[0][:len(bufs[0]) // 3]), off))
+    try:
+        mmod.pwrite_full(fd, data, 8192, False)
+        monkeypatch.undo()
+        assert os.pread(fd, size + 8192, 0) == bytes(8192) + data
+    finally:
+        os.close(fd)
+
+
+def test_a_rebuild_chunk_of_zeros_is_written_to_a_member_not_known_to_be_zero(tmp_path):
+    """write_chunk skips zeros only on a member known to read as zeros (a
+    new sparse image); elsewhere they overwrite what was there."""
+    from raid1fs.rebuild import write_chunk
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, os.urandom(65536), 0)
+        write_chunk(fd, bytes(65536), 0, skip_zeros=False)
+        assert os.pread(fd, 65536, 0) == bytes(65536)
+    finally:
+        os.close(fd)
