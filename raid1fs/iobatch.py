@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import trio
@@ -64,19 +64,22 @@ class Batch:
 # call has signalled it and the signal is drained: a late write must never
 # wake a later batch.
 _free: list[int] = []
-_abandoned: list[Batch] = []
+# Abandoned batches, each with the workers of its calls.
+_abandoned: list[tuple[Batch, list[Workers]]] = []
 
 
-def given_up_running() -> bool:
+def given_up_running(among: Collection[Workers]) -> bool:
     """Whether a call given up on (timed out, cancelled) is still running
-    on some member: it may yet land."""
-    return any(not b.signalled for b in _abandoned)
+    on one of these members' workers: it may yet land there."""
+    return any(not b.done(i) and w in among
+               for b, ws in _abandoned if not b.signalled for i, w in enumerate(ws))
 
 
 def _take_fd() -> int:
     if _abandoned:  # rare: only after a timeout or a cancellation
-        for b in [b for b in _abandoned if b.signalled]:
-            _abandoned.remove(b)
+        for entry in [e for e in _abandoned if e[0].signalled]:
+            _abandoned.remove(entry)
+            b = entry[0]
             os.eventfd_read(b.fd)
             _free.append(b.fd)
     if _free:
@@ -158,7 +161,7 @@ async def run_batch(calls: list[tuple[Workers, Callable[..., Any], tuple]], time
             if done:
                 _free.append(batch.fd)
             elif raised:
-                _abandoned.append(batch)
+                _abandoned.append((batch, [w for w, _, _ in calls]))
         if done:
             return batch.results, batch.errors, [True] * len(calls)
     else:
@@ -178,6 +181,6 @@ async def run_batch(calls: list[tuple[Workers, Callable[..., Any], tuple]], time
             os.eventfd_read(batch.fd)
             _free.append(batch.fd)
         else:
-            _abandoned.append(batch)
+            _abandoned.append((batch, [w for w, _, _ in calls]))
     finished = [batch.done(i) for i in range(len(calls))]
     return batch.results, batch.errors, finished

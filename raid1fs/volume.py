@@ -855,16 +855,21 @@ class Volume:
             except Raid1fsError as e:
                 log.error("clearing write-intent bits: %s", e)
 
+    def _given_up_running(self) -> bool:
+        """A call given up on still runs on an in-sync member (and may land
+        there). One on a failed member, hung for good, does not matter."""
+        return iobatch.given_up_running({x.workers for x in self.online()})
+
     async def _resync_suspect(self) -> None:
         """Resync the regions a write given up on every in-sync member left
-        suspect (rule 16), once no call given up on is still running (none
-        can land later), and no rebuild runs: the in-sync members but the
+        suspect (rule 16), once no call given up on is still running on an
+        in-sync member (none can land later), and no rebuild runs: the in-sync members but the
         source become rebuilding over those regions, as after a crash."""
-        if self.readonly or self._stopping or iobatch.given_up_running():
+        if self.readonly or self._stopping or self._given_up_running():
             return
         async with self._admin_lock:
             rl = self.regions
-            if self._stopping or not rl.suspect or iobatch.given_up_running() or \
+            if self._stopping or not rl.suspect or self._given_up_running() or \
                     any(x.state == m.REBUILDING for x in self.members):
                 return
             source = self._source()

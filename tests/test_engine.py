@@ -206,8 +206,10 @@ def test_io_batches_wake_once_and_survive_a_hung_call():
         res, errs, fin = await iobatch.run_batch(
             [(a, release.wait, ()), (b, lambda: 7, ())], 0.1)
         assert fin == [False, True] and res[1] == 7
-        hung = iobatch._abandoned[-1]
+        hung = iobatch._abandoned[-1][0]
         assert not hung.signalled
+        # Still running on a's worker only, where it may land.
+        assert iobatch.given_up_running({a}) and not iobatch.given_up_running({b})
         # Later batches must not be woken by the hung call's completion.
         for _ in range(5):
             res, _, fin = await iobatch.run_batch([(b, lambda: 8, ())], 5)
@@ -218,7 +220,8 @@ def test_io_batches_wake_once_and_survive_a_hung_call():
             await trio.sleep(0.01)
         res, _, fin = await iobatch.run_batch([(b, time.sleep, (0.05,))], 5)
         assert fin == [True]  # (woken by its own completion, not the old one)
-        assert hung not in iobatch._abandoned and hung.fd in iobatch._free
+        assert hung not in [e[0] for e in iobatch._abandoned] and hung.fd in iobatch._free
+        assert not iobatch.given_up_running({a, b})
 
     trio.run(main)
 
@@ -262,7 +265,7 @@ def test_quick_batches_hold_the_loop_only_briefly():
             res, errs, fin = await iobatch.run_batch(
                 [(a, release.wait, ()), (b, lambda: 2, ())], 0.2, quick=0.02)
             assert fin == [False, True]
-            hung = iobatch._abandoned[-1]
+            hung = iobatch._abandoned[-1][0]
             # With a call on a still hanging, quick batches on a take the
             # usual path: a slow call does not hold up the loop.
             gaps.clear()
@@ -755,6 +758,54 @@ def test_a_write_given_up_on_every_member_is_resynced_once_its_calls_end(tmp_pat
     for f in found:
         with open(f.path, "rb") as fh:
             assert read_superblock(fh.fileno(), f.path)[0].clean is True, f.path
+
+
+def test_a_call_hung_for_good_on_a_failed_member_does_not_hold_off_the_resync(
+        tmp_path, monkeypatch):
+    """c hangs for good and is failed; later a write is given up on both
+    in-sync members (landing on a, failing on b). Once their calls have
+    ended the suspect region is resynced, although c's call still hangs:
+    it can land only on c, which is failed and owes a rebuild anyway."""
+    import errno
+
+    from raid1fs import volume as vmod
+    from raid1fs.errors import VolumeIOError
+
+    vol, found = _engine_volume(tmp_path, 3, io_timeout=0.3)
+    a, b, c = vol.members
+    real = vmod.pwrite_full
+    hang = threading.Event()
+    late = threading.Event()
+
+    def pwrite(fd, data, off, sync):
+        if fd == c.fd:
+            hang.wait()  # until the test ends
+        elif late.is_set():
+            time.sleep(0.8)  # past the I/O timeout: given up on, then it ends
+            if fd == b.fd:
+                raise OSError(errno.EIO, "Input/output error")
+        return real(fd, data, off, sync)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as n:
+            await vol.start(n)
+            monkeypatch.setattr(vmod, "pwrite_full", pwrite)
+            await vol.write(4 << 20, b"c" * 4096)  # c times out: failed
+            assert (a.state, b.state, c.state) == ("online", "online", "failed")
+            late.set()
+            with pytest.raises(VolumeIOError):
+                await vol.write(0, b"T" * 4096)
+            late.clear()
+            assert vol.regions.suspect
+            with trio.fail_after(10):
+                while vol.regions.suspect or not any(x.last_rebuild for x in (a, b)):
+                    await trio.sleep(0.05)
+            monkeypatch.undo()
+            assert (a.state, b.state) == ("online", "online") and c.workers.busy
+            assert os.pread(a.fd, 4096, a.data_offset) == os.pread(b.fd, 4096, b.data_offset)
+            n.cancel_scope.cancel()
+
+    _run(scenario, found, hang)
 
 
 def test_a_remove_whose_commit_reaches_no_in_sync_member_changes_nothing(tmp_path, monkeypatch):
